@@ -1,0 +1,1 @@
+"""The long-running process: CLI, lifecycle, watcher, worker, scheduler, metrics."""

@@ -1,0 +1,224 @@
+"""`poolwatch` command line: ingest, status, sanity-check (and the commands later issues add).
+
+Every command takes `--config FILE` and trailing `key=value` overrides. A bad configuration exits
+with code 2 and one line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from poolwatch import __version__
+from poolwatch.pipeline.config import Config, ConfigError, load_config
+from poolwatch.pipeline.store import Store, StoreError
+
+from . import runtime
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: one line, exit code 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="YAML file over the defaults (see config.yaml)")
+    common.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. stopping_condition.n_samples=0.1")
+    common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    parser = argparse.ArgumentParser(prog="poolwatch", description="Always-on image-dataset curator.")
+    parser.add_argument("--version", action="version", version=f"poolwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("ingest", parents=[common], help="one pass over the input dirs: check, de-duplicate, embed, store")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p = sub.add_parser("status", parents=[common], help="counts, model and pools of the store")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    sub.add_parser("sanity-check", parents=[common], help="check install, torch, model, store and dirs")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    runtime.setup_logging(args.log_level)
+    try:
+        config = load_config(args.overrides, args.config)
+        if config.sanity_check or args.command == "sanity-check":
+            return sanity_check(config)
+        return COMMANDS[args.command](config, args)
+    except (ConfigError, UsageError) as exc:
+        print(f"poolwatch: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StoreError as exc:
+        print(f"poolwatch: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _model_error(exc: Exception) -> UsageError:
+    return UsageError(str(exc))
+
+
+def open_store(config: Config) -> Store:
+    return Store.open(config.store_path, busy_timeout=float(config.store.busy_timeout))
+
+
+def cmd_ingest(config: Config, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from poolwatch.pipeline.embed import ModelError
+    from poolwatch.pipeline.ingest import activate_model, ingest_pass
+
+    runtime.configure_torch_threads(config)
+    try:
+        embedder = runtime.load_embedder(config)
+    except ModelError as exc:
+        raise _model_error(exc) from None
+    store = open_store(config)
+    executor = runtime.decode_executor(config)
+    bar = tqdm(total=0, unit="img", disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    try:
+        model_id = activate_model(store, embedder)
+        log.info("ingest pass over %s into %s", ", ".join(map(str, config.input_paths)), config.store_path)
+
+        def on_plan(n: int) -> None:
+            bar.reset(total=n)
+            log.info("%d files to process", n)
+
+        def on_batch(result) -> None:  # noqa: ANN001
+            bar.update(result.files)
+            bar.set_postfix(efficiency=f"{result.compute_efficiency:.2f}")
+
+        summary = ingest_pass(
+            store, embedder, model_id, config.input_paths, runtime.decode_settings(config), config.batch_size,
+            executor=executor, remove_duplicates=config.remove_exact_duplicates,
+            ignore_patterns=config.watch.ignore_patterns, on_plan=on_plan, on_batch=on_batch,
+        )
+    finally:
+        bar.close()
+        if executor is not None:
+            executor.shutdown()
+        store.close()
+    for outage in summary.outages:
+        log.error("input directory outage: %s (its images keep their state)", outage)
+    rate = summary.processed / summary.seconds if summary.seconds > 0 else 0.0
+    data = {
+        "discovered": summary.discovered, "processed": summary.processed, "ok": summary.ok,
+        "corrupt": summary.corrupt, "duplicate": summary.duplicate, "missing": summary.missing,
+        "forward_passes": summary.forward_passes, "seconds": round(summary.seconds, 3),
+        "images_per_second": round(rate, 2), "compute_efficiency": round(summary.compute_efficiency, 4),
+        "outages": summary.outages,
+    }
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(f"ingested {summary.processed} of {summary.discovered} files in {summary.seconds:.1f}s "
+              f"({rate:.1f} img/s): {summary.ok} ok, {summary.corrupt} corrupt, {summary.duplicate} duplicate, "
+              f"{summary.missing} newly missing; {summary.forward_passes} forward passes, "
+              f"compute efficiency {summary.compute_efficiency:.2f}")
+    return EXIT_FAILED if summary.outages and summary.discovered == 0 else EXIT_OK
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    if not config.store_path.exists():
+        raise UsageError(f"no store at {config.store_path}; run `poolwatch ingest` first (or set shared_dir=)")
+    with open_store(config) as store:
+        data = store.summary()
+        data["store"] = str(config.store_path)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    images = data["images"]
+    print(f"store   {data['store']}")
+    print("images  " + ", ".join(f"{k} {v}" for k, v in images.items()))
+    if data["corrupt_by_reason"]:
+        print("corrupt " + ", ".join(f"{k} {v}" for k, v in data["corrupt_by_reason"].items()))
+    model = data["model"]
+    if model:
+        print(f"model   {model['arch']['name']} d{model['dim']} @{model['input_size']}px, source {model['source']} "
+              f"({model['detail']}), {data['embedded']} embedded")
+        if model["source"] == "random":
+            print("        WARNING: random weights; set checkpoint= or enable_training=true for meaningful embeddings")
+    else:
+        print("model   none yet")
+    return EXIT_OK
+
+
+def sanity_check(config: Config) -> int:
+    """Each check prints one line; exit 0 when all pass, 1 otherwise."""
+    checks: list[tuple[str, Callable[[], str]]] = []
+
+    def check(name: str) -> Callable[[Callable[[], str]], Callable[[], str]]:
+        def register(fn: Callable[[], str]) -> Callable[[], str]:
+            checks.append((name, fn))
+            return fn
+        return register
+
+    @check("torch")
+    def _torch() -> str:
+        import torch
+
+        x = torch.ones(4, 4)
+        assert float((x @ x).sum()) == 64.0
+        return f"torch {torch.__version__}, cuda {'available' if torch.cuda.is_available() else 'not available'}"
+
+    @check("model")
+    def _model() -> str:
+        import numpy as np
+
+        embedder = runtime.load_embedder(config)
+        out = embedder.embed(np.zeros((2, embedder.input_size, embedder.input_size, 3), dtype=np.uint8))
+        assert out.shape == (2, embedder.dim) and np.isfinite(out).all()
+        return f"{embedder.model.spec.slug} from {embedder.model.source}, {embedder.dim}-d output"
+
+    @check("shared_dir")
+    def _shared() -> str:
+        path = config.shared_path
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".sanity-{time.time_ns()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        return f"{path} writable"
+
+    @check("store")
+    def _store() -> str:
+        with open_store(config) as store:
+            result = store.integrity_check()
+            assert result == "ok", result
+            return f"{store.path} schema {store.schema_version}, integrity ok"
+
+    @check("input_dir")
+    def _inputs() -> str:
+        from poolwatch.pipeline.ingest import discover
+
+        counts = []
+        for root in config.input_paths:
+            counts.append(f"{root} ({sum(1 for _ in discover(root, config.watch.ignore_patterns))} images)")
+        return "readable: " + ", ".join(counts)
+
+    failed = 0
+    for name, fn in checks:
+        try:
+            print(f"ok      {name}: {fn()}")
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, none stops the others
+            failed += 1
+            print(f"FAILED  {name}: {type(exc).__name__}: {exc}")
+    print("sanity check " + ("passed" if not failed else f"failed ({failed} of {len(checks)})"))
+    return EXIT_OK if not failed else EXIT_FAILED
+
+
+COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
+    "ingest": cmd_ingest,
+    "status": cmd_status,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

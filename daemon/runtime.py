@@ -1,0 +1,77 @@
+"""Process-level set-up shared by the commands and the daemon: logging, threads, model, decode pool."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from concurrent.futures import Executor, ProcessPoolExecutor
+from pathlib import Path
+
+from poolwatch.pipeline.config import Config
+from poolwatch.pipeline.decode import DecodeSettings
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_ENV = "POOLWATCH_WEIGHTS"
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    for noisy in ("PIL", "apscheduler.executors", "watchdog"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def num_workers(config: Config) -> int:
+    n = int(config.lightly_get("loader.num_workers"))
+    return (os.cpu_count() or 1) if n < 0 else n
+
+
+def decode_settings(config: Config) -> DecodeSettings:
+    return DecodeSettings(
+        input_size=config.input_size,
+        max_pixels=config.check.max_pixels,
+        check_corruptness=config.enable_corruptness_check,
+        apply_exif=config.check.apply_exif_orientation,
+    )
+
+
+def decode_executor(config: Config) -> Executor | None:
+    """A process pool for decoding; forkserver so workers never inherit the parent's threads or torch."""
+    workers = num_workers(config)
+    if workers <= 0:
+        return None
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
+
+
+def configure_torch_threads(config: Config) -> None:
+    import torch
+
+    # Decode workers use the other cores; the model gets what is left (at least one).
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores - max(0, num_workers(config) // 2)))
+
+
+def load_embedder(config: Config):  # -> Embedder (torch imported lazily for fast CLI start)
+    """The configured model, loaded and ready, with its fallbacks logged loudly."""
+    from poolwatch.pipeline.embed import Embedder, ModelSpec, load_model, resolve_device
+
+    spec = ModelSpec.from_lightly(config.lightly)
+    weights = os.environ.get(WEIGHTS_ENV)
+    model = load_model(
+        spec,
+        models_dir=config.shared_path / "models",
+        checkpoint=config.resolve_shared(config.checkpoint) if config.checkpoint else None,
+        weights_file=Path(weights).expanduser() if weights else None,
+        pretrained=bool(config.lightly_get("pre_trained")),
+        seed=config.seed,
+    )
+    for note in model.notes:
+        log.warning("%s", note)
+    device = resolve_device(config.device)
+    log.info("model %s (%s: %s) on %s, input %dpx, %d-d embeddings, weights %s",
+             spec.slug, model.source, model.detail, device, spec.input_size, spec.num_ftrs, model.weights_hash[:12])
+    return Embedder(model, device)

@@ -1,0 +1,446 @@
+"""Typed configuration: config.yaml defaults, a user file, then `key=value` overrides, validated.
+
+Loading order: the packaged defaults (the project's config.yaml), an optional `--config FILE`, then
+OmegaConf dotlist overrides (`stopping_condition.n_samples=0.1`, `output_image_size=[256,128]`).
+OmegaConf only parses and merges; validation is pydantic's (unions, ranges, unknown keys) for
+poolwatch's own keys and a comparison with lightly's own CLI config file for `lightly.*`.
+Any problem raises `ConfigError` whose message is one line naming the key, the value and what
+is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+MASK = "***"
+LIGHTLY_MODELS = ("resnet-9", "resnet-18", "resnet-34", "resnet-50", "resnet-101", "resnet-152")
+_INTERVAL_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message is one line fit for a user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Number = Union[StrictInt, StrictFloat]
+
+
+class StoppingCondition(_Section):
+    n_samples: Union[StrictInt, StrictFloat] = -1
+    min_distance: Number = -1.0
+
+    @field_validator("n_samples")
+    @classmethod
+    def _n_samples(cls, v: int | float) -> int | float:
+        if isinstance(v, int) and (v >= 0 or v == -1):
+            return v
+        if isinstance(v, float) and (0.0 < v <= 1.0 or v == -1.0):
+            return -1 if v == -1.0 else v
+        raise ValueError("allowed: an int >= 0 (count), a float in (0, 1] (fraction) or -1 (inactive)")
+
+    @field_validator("min_distance")
+    @classmethod
+    def _min_distance(cls, v: float) -> float:
+        if v == -1 or v >= 0:
+            return float(v)
+        raise ValueError("allowed: a distance >= 0 or -1 (inactive)")
+
+
+class Datapool(_Section):
+    name: str = ""
+    keep_history: StrictBool = True
+    process_all: StrictBool = False
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, v: Any) -> str:
+        if v is None:
+            return ""
+        if not isinstance(v, str) or (v and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v)):
+            raise ValueError("allowed: '' or a name of letters, digits, '_', '-', '.' (it names a folder)")
+        return v
+
+
+class CheckSettings(_Section):
+    max_pixels: StrictInt = Field(178_956_970, gt=0)
+    apply_exif_orientation: StrictBool = True
+
+
+class WatchSettings(_Section):
+    polling: StrictBool = False
+    settle_seconds: Number = Field(2.0, ge=0)
+    rescan_interval: Number = Field(600, ge=0)
+    max_batch_wait: Number = Field(0.2, ge=0)
+    queue_size: StrictInt = Field(10_000, gt=0)
+    ignore_patterns: list[str] = Field(default_factory=lambda: [".*", "*.tmp", "*.part", "~*"])
+
+
+class ScheduleSettings(_Section):
+    cron: str = ""
+    interval: str = ""
+    on_startup: StrictBool = False
+
+    @field_validator("interval", mode="before")
+    @classmethod
+    def _interval(cls, v: Any) -> str:
+        if v is None or v == "":
+            return ""
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = f"{v}s"
+        if not isinstance(v, str) or not _INTERVAL_RE.match(v) or parse_interval(v) <= 0:
+            raise ValueError("allowed: '' or a positive duration such as 90s, 30m, 6h, 1d")
+        return v
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if v and len(v.split()) != 5:
+            raise ValueError("allowed: '' or a five-field crontab string such as '0 * * * *'")
+        return v
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ScheduleSettings:
+        if self.cron and self.interval:
+            raise ValueError("set schedule.cron or schedule.interval, not both")
+        return self
+
+
+class MetricsSettings(_Section):
+    enabled: StrictBool = True
+    host: str = "127.0.0.1"
+    port: StrictInt = Field(9464, ge=0, le=65535)
+
+
+class StoreSettings(_Section):
+    path: str = ""
+    busy_timeout: Number = Field(30, ge=0)
+
+
+class Config(_Section):
+    token: SecretStr = SecretStr("")
+    sanity_check: StrictBool = False
+    enable_corruptness_check: StrictBool = True
+    remove_exact_duplicates: StrictBool = True
+    dump_dataset: StrictBool = False
+    output_image_size: Union[StrictInt, list[StrictInt]] = -1
+    output_image_format: str = "png"
+    checkpoint: str = ""
+    embeddings: str = ""
+    enable_training: StrictBool = False
+    normalize_embeddings: StrictBool = True
+    method: Literal["coreset", "random"] = "coreset"
+    stopping_condition: StoppingCondition = Field(default_factory=StoppingCondition)
+    datapool: Datapool = Field(default_factory=Datapool)
+    n_example_images: StrictInt = Field(6, ge=0)
+    memory_requirement_in_GB: Number = Field(2, gt=0)
+
+    input_dir: list[str] = Field(default_factory=lambda: ["./data/input"])
+    shared_dir: str = "./data/shared"
+    seed: StrictInt = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    graceful_timeout: Number = Field(30, gt=0)
+    check: CheckSettings = Field(default_factory=CheckSettings)
+    watch: WatchSettings = Field(default_factory=WatchSettings)
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    lightly: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _token(cls, v: Any) -> Any:
+        return "" if v is None else str(v) if isinstance(v, (int, float)) else v
+
+    @field_validator("input_dir", mode="before")
+    @classmethod
+    def _input_dir(cls, v: Any) -> list[str]:
+        dirs = [v] if isinstance(v, str) else v
+        if not isinstance(dirs, list) or not dirs or not all(isinstance(d, str) and d for d in dirs):
+            raise ValueError("allowed: a directory path or a non-empty list of them")
+        return dirs
+
+    @field_validator("output_image_size")
+    @classmethod
+    def _output_image_size(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, int) and (v == -1 or v > 0):
+            return v
+        if isinstance(v, list) and len(v) == 2 and all(x > 0 for x in v):
+            return v
+        raise ValueError("allowed: -1 (keep size), x > 0 (shortest edge) or [x, y] with x, y > 0")
+
+    @field_validator("output_image_format")
+    @classmethod
+    def _output_image_format(cls, v: str) -> str:
+        from PIL import Image
+
+        fmt = v.lower().lstrip(".")
+        if Image.registered_extensions().get("." + fmt) not in Image.SAVE:
+            raise ValueError("allowed: an image format Pillow can write, e.g. png, jpg, webp, bmp, tiff")
+        return fmt
+
+    @field_validator("n_example_images")
+    @classmethod
+    def _even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError("allowed: an even number (removed images are shown in pairs)")
+        return v
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def shared_path(self) -> Path:
+        return Path(self.shared_dir).expanduser().resolve()
+
+    @property
+    def input_paths(self) -> list[Path]:
+        return [Path(d).expanduser().resolve() for d in self.input_dir]
+
+    @property
+    def store_path(self) -> Path:
+        return self.resolve_shared(self.store.path) if self.store.path else self.shared_path / "poolwatch.db"
+
+    def resolve_shared(self, path: str) -> Path:
+        """A path from the configuration, relative to shared_dir unless absolute."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.shared_path / p
+
+    @property
+    def n_samples(self) -> int | float | None:
+        v = self.stopping_condition.n_samples
+        return None if v == -1 else v
+
+    @property
+    def min_distance(self) -> float | None:
+        v = self.stopping_condition.min_distance
+        return None if v == -1 else float(v)
+
+    def lightly_get(self, dotted: str) -> Any:
+        node: Any = self.lightly
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.lightly_get("loader.batch_size"))
+
+    @property
+    def input_size(self) -> int:
+        return int(self.lightly_get("collate.input_size"))
+
+    def resolved(self, mask: bool = True) -> dict[str, Any]:
+        """The full configuration as plain data; the token is masked unless asked otherwise."""
+        data = self.model_dump(mode="json")
+        secret = self.token.get_secret_value()
+        data["token"] = (MASK if secret else "") if mask else secret
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.resolved(mask=True), sort_keys=False, allow_unicode=True)
+
+    def to_json(self) -> str:
+        return json.dumps(self.resolved(mask=True), sort_keys=True)
+
+
+# ---- loading ---------------------------------------------------------------------------------
+def default_config_text() -> str:
+    return resources.files("poolwatch.pipeline").joinpath("config.yaml").read_text(encoding="utf-8")
+
+
+def lightly_cli_defaults() -> dict[str, Any]:
+    """lightly's own CLI config (lightly/cli/config/config.yaml): the schema of `lightly.*`."""
+    text = resources.files("lightly.cli.config").joinpath("config.yaml").read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
+    # i/o keys are poolwatch's own top-level keys; hydra's block configures hydra itself.
+    for key in ("input_dir", "output_dir", "embeddings", "checkpoint", "label_dir", "label_names_file", "hydra"):
+        data.pop(key, None)
+    return data
+
+
+def _check_lightly(values: Any, schema: dict[str, Any], prefix: str = "lightly") -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix}: invalid value {values!r}; allowed: a mapping of lightly's CLI keys")
+    for key, value in values.items():
+        full = f"{prefix}.{key}"
+        if key not in schema:
+            allowed = ", ".join(sorted(schema))
+            raise ConfigError(f"{full}: unknown key (value {value!r}); allowed under {prefix}: {allowed}")
+        default = schema[key]
+        if isinstance(default, dict):
+            _check_lightly(value, default, full)
+            continue
+        if not _same_kind(value, default):
+            raise ConfigError(f"{full}: invalid value {value!r}; allowed: {_kind_name(default)} (lightly's default is {default!r})")
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, list):
+        return isinstance(value, list)
+    return True
+
+
+def _kind_name(default: Any) -> str:
+    for kind, name in ((bool, "true or false"), (int, "an integer"), (float, "a number"), (str, "a string"), (list, "a list")):
+        if isinstance(default, kind):
+            return name
+    return "any value"
+
+
+def _validate_lightly_values(lightly: dict[str, Any]) -> None:
+    name = lightly["model"]["name"]
+    if name not in LIGHTLY_MODELS:
+        raise ConfigError(f"lightly.model.name: invalid value {name!r}; allowed: {', '.join(LIGHTLY_MODELS)}")
+    checks = {
+        "model.num_ftrs": lambda v: v > 0,
+        "model.width": lambda v: v > 0,
+        "collate.input_size": lambda v: v >= 16,
+        "loader.batch_size": lambda v: v > 0,
+        "loader.num_workers": lambda v: v >= -1,
+        "trainer.max_epochs": lambda v: v >= 0,
+    }
+    allowed = {
+        "model.num_ftrs": "an integer > 0",
+        "model.width": "a number > 0",
+        "collate.input_size": "an integer >= 16",
+        "loader.batch_size": "an integer > 0",
+        "loader.num_workers": "an integer >= 0, or -1 for all cores",
+        "trainer.max_epochs": "an integer >= 0",
+    }
+    for dotted, ok in checks.items():
+        node: Any = lightly
+        for part in dotted.split("."):
+            node = node[part]
+        if not ok(node):
+            raise ConfigError(f"lightly.{dotted}: invalid value {node!r}; allowed: {allowed[dotted]}")
+
+
+def _merge_lightly(schema: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(schema)
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge_lightly(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_validation_error(err: ValidationError, data: dict[str, Any]) -> str:
+    errors = err.errors()
+    first = errors[0]
+    # Union members add their type name to the location ("n_samples.int"): keep only real keys.
+    key_parts: list[str] = []
+    node: Any = data
+    for part in (str(p) for p in first["loc"] if not isinstance(p, int)):
+        if isinstance(node, dict) and part in node:
+            key_parts.append(part)
+            node = node[part]
+        elif first["type"] == "extra_forbidden":
+            key_parts.append(part)
+        else:
+            break
+    key = ".".join(key_parts) or "config"
+    value = MASK if key == "token" else first.get("input")
+    if first["type"] == "extra_forbidden":
+        return f"{key}: unknown key (value {value!r}); allowed: {_allowed_keys(key_parts[:-1])}"
+    if first["type"] == "literal_error":
+        return f"{key}: invalid value {value!r}; allowed: {first['ctx']['expected']}"
+    # A validator's own message already says what is allowed; prefer it over pydantic's type errors.
+    own = next((e for e in errors if e["type"] == "value_error"), None)
+    msg = own["msg"].removeprefix("Value error, ") if own else first["msg"]
+    if not msg.startswith("allowed") and "allowed" not in msg:
+        msg = f"allowed: {msg[0].lower()}{msg[1:]}"
+    return f"{key}: invalid value {value!r}; {msg}"
+
+
+def _allowed_keys(path: list[str]) -> str:
+    model: type[BaseModel] = Config
+    for part in path:
+        field = model.model_fields.get(part)
+        ann = field.annotation if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            break
+    return ", ".join(model.model_fields)
+
+
+def load_config(overrides: list[str] | None = None, config_file: str | Path | None = None) -> Config:
+    """Defaults < config_file < overrides (`key=value` strings), validated into a `Config`."""
+    try:
+        layers = [OmegaConf.create(default_config_text())]
+        if config_file is not None:
+            path = Path(config_file)
+            if not path.is_file():
+                raise ConfigError(f"--config: file {str(path)!r} does not exist")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"--config: cannot read {str(path)!r}: {exc.strerror}") from None
+            file_layer = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
+            if not isinstance(yaml.safe_load(text) or {}, dict):
+                raise ConfigError(f"--config: {str(path)!r} is not a YAML mapping")
+            layers.append(file_layer)
+        for item in overrides or []:
+            if "=" not in item or item.startswith("="):
+                raise ConfigError(f"{item}: not a key=value override; write e.g. stopping_condition.n_samples=0.1")
+            layers.append(OmegaConf.from_dotlist([item]))
+        merged = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=False)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{getattr(exc, 'full_key', None) or 'config'}: cannot parse ({str(exc).splitlines()[0]})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config: not valid YAML ({str(exc).splitlines()[0]})") from None
+    assert isinstance(merged, dict)
+    return validate(merged)
+
+
+def validate(data: dict[str, Any]) -> Config:
+    schema = lightly_cli_defaults()
+    lightly_values = data.get("lightly") or {}
+    _check_lightly(lightly_values, schema)
+    try:
+        config = Config.model_validate({**data, "lightly": _merge_lightly(schema, lightly_values)})
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, data)) from None
+    _validate_lightly_values(config.lightly)
+    return config
+
+
+def parse_interval(text: str) -> float:
+    """'90s' / '30m' / '6h' / '1d' / '45' (seconds) -> seconds."""
+    m = _INTERVAL_RE.match(text)
+    if not m:
+        raise ConfigError(f"schedule.interval: invalid value {text!r}; allowed: a duration such as 90s, 30m, 6h, 1d")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]

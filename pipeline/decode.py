@@ -1,0 +1,71 @@
+"""Reading and decoding one file: bytes read once → content hash → verdict → model input.
+
+Kept free of torch so that decode workers in a process pool start fast and stay small.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .check import Verdict, content_hash, inspect_image
+
+
+@dataclass(frozen=True)
+class FileRef:
+    root: str
+    relpath: str
+    size: int
+    mtime_ns: int
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root) / self.relpath
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    input_size: int = 64
+    max_pixels: int = 178_956_970
+    check_corruptness: bool = True
+    apply_exif: bool = True
+
+
+@dataclass
+class Decoded:
+    ref: FileRef
+    verdict: Verdict | None  # None: the file vanished before it could be read
+    hash: str | None = None
+    pixels: np.ndarray | None = None
+
+
+def preprocess(image: Image.Image, input_size: int) -> np.ndarray:
+    """An image → input_size×input_size×3 uint8, resized exactly as torchvision's Resize does on PIL images."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image.resize((input_size, input_size), Image.BILINEAR), dtype=np.uint8)
+
+
+def read_and_decode(ref: FileRef, settings: DecodeSettings) -> Decoded:
+    """Read the file once; hash, verdict and model input from the same bytes."""
+    try:
+        with open(ref.path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            data = fh.read()
+    except FileNotFoundError:
+        return Decoded(ref, None)
+    except OSError as exc:
+        verdict = Verdict(False, "unreadable", exc.strerror or str(exc), None, None, None)
+        return Decoded(ref, verdict)
+    # The identity that is recorded is the one of the bytes actually read.
+    ref = FileRef(ref.root, ref.relpath, st.st_size, st.st_mtime_ns)
+    verdict, image = inspect_image(
+        data, ref.relpath, max_pixels=settings.max_pixels,
+        check_corruptness=settings.check_corruptness, apply_exif=settings.apply_exif,
+    )
+    pixels = preprocess(image, settings.input_size) if image is not None else None
+    return Decoded(ref, verdict, content_hash(data), pixels)

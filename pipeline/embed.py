@@ -1,0 +1,254 @@
+"""The embedding model: lightly's CLI architecture, where its weights come from, batched inference.
+
+Architecture (as `lightly-embed` builds it): BatchNorm2d(3) → lightly `ResNetGenerator(name, width)`
+without its last layer → 1×1 conv to `num_ftrs` → global average pool, wrapped in lightly's CLI
+SimCLR module so lightly's checkpoints load unchanged. Input: `Resize((s, s))` (PIL bilinear) →
+[0, 1] → ImageNet normalisation, exactly as `lightly-embed`.
+
+Where the weights come from, first match wins:
+1. `checkpoint=PATH` (lightly .ckpt or zoo .pth), loaded with `torch.load(weights_only=True)`;
+2. a local copy of lightly's pretrained file (`weights_file`, e.g. from $POOLWATCH_WEIGHTS);
+3. lightly's pretrained weights for the architecture (when `lightly.pre_trained`): a copy saved in
+   `<shared_dir>/models/`, torch hub's cache, else lightly's URL (short timeout), saved in both;
+4. random weights, seeded, saved as `<shared_dir>/models/random-<arch>-seed<seed>.pt` on first use
+   and reused on every later start so vectors never change across restarts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DOWNLOAD_TIMEOUT_S = 10.0
+
+
+class ModelError(ValueError):
+    """The model cannot be built or its weights cannot be loaded; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = "resnet-18"
+    width: float = 1.0
+    num_ftrs: int = 32
+    out_dim: int = 128
+    input_size: int = 64
+
+    @classmethod
+    def from_lightly(cls, lightly: dict[str, Any]) -> ModelSpec:
+        m = lightly["model"]
+        return cls(m["name"], float(m["width"]), int(m["num_ftrs"]), int(m["out_dim"]), int(lightly["collate"]["input_size"]))
+
+    @property
+    def zoo_key(self) -> str:
+        return f"{self.name}/simclr/d{self.num_ftrs}/w{float(self.width)}"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.name}-w{self.width:g}-d{self.num_ftrs}"
+
+    def arch(self) -> dict[str, Any]:
+        return {"name": self.name, "width": self.width, "num_ftrs": self.num_ftrs, "out_dim": self.out_dim}
+
+
+@dataclass
+class LoadedModel:
+    """A built model with its provenance; `weights_hash` identifies the weights."""
+
+    module: nn.Module
+    spec: ModelSpec
+    source: str  # checkpoint | pretrained | random | trained
+    detail: str  # path, URL or seed
+    weights_hash: str
+    path: str | None = None
+    notes: list[str] = field(default_factory=list)  # things the caller should log (fallbacks)
+
+
+def build_module(spec: ModelSpec) -> nn.Module:
+    """lightly-embed's model: `_SimCLR(features)` so state-dict keys match lightly's checkpoints."""
+    from lightly.cli._cli_simclr import _SimCLR
+    from lightly.models import ResNetGenerator
+    from lightly.models.batchnorm import get_norm_layer
+
+    resnet = ResNetGenerator(spec.name, spec.width)
+    last_channels = list(resnet.children())[-1].in_features
+    features = nn.Sequential(
+        get_norm_layer(3, 0),
+        *list(resnet.children())[:-1],
+        nn.Conv2d(last_channels, spec.num_ftrs, 1),
+        nn.AdaptiveAvgPool2d(1),
+    )
+    return _SimCLR(features, num_ftrs=spec.num_ftrs, out_dim=spec.out_dim)
+
+
+def weights_hash(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"checkpoint: file {str(path)!r} does not exist") from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint we load"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"checkpoint: {str(path)!r} is not a loadable weights-only checkpoint ({first[:200]})") from None
+
+
+def load_state(module: nn.Module, state: Any, spec: ModelSpec, origin: str) -> None:
+    """Load a lightly checkpoint/zoo state into `module`, with lightly's own key fix-ups."""
+    from lightly.cli._helpers import load_from_state_dict
+
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"checkpoint: {origin!r} holds no state_dict of tensors")
+    try:
+        load_from_state_dict(module, dict(state))
+    except RuntimeError as exc:
+        text = str(exc)
+        missing = re.search(r'Missing key\(s\) in state_dict: ([^\n]*)', text)
+        sizes = re.search(r'size mismatch for ([^:]+): copying a param with shape (torch.Size\(\[[^\]]*\]\)) from checkpoint, the shape in current model is (torch.Size\(\[[^\]]*\]\))', text)
+        if sizes:
+            why = f"{sizes.group(1)} has shape {sizes.group(2)[11:-1]} but {spec.slug} expects {sizes.group(3)[11:-1]}"
+        elif missing:
+            keys = missing.group(1).split(", ")
+            why = f"missing keys {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)} in all)"
+        else:
+            why = text.strip().splitlines()[0][:200]
+        raise ModelError(
+            f"checkpoint: {origin!r} does not match lightly.model {spec.slug} (num_ftrs={spec.num_ftrs}): {why}"
+        ) from None
+
+
+def _finish(module: nn.Module, spec: ModelSpec, source: str, detail: str, path: Path | None, notes: list[str]) -> LoadedModel:
+    module.eval()
+    return LoadedModel(module, spec, source, detail, weights_hash(module), str(path) if path else None, notes)
+
+
+def _download(url: str, dest: Path, timeout: float) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - lightly's fixed https URL
+        data = response.read()
+    expected = re.search(r"-([a-f0-9]{8,})\.", Path(url).name)
+    if expected and not hashlib.sha256(data).hexdigest().startswith(expected.group(1)):
+        raise OSError(f"downloaded file does not match the hash in its name ({expected.group(1)})")
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".download-")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, dest)
+
+
+def load_model(spec: ModelSpec, *, models_dir: Path, checkpoint: Path | None = None, weights_file: Path | None = None,
+               pretrained: bool = True, seed: int = 1, hub_dir: Path | None = None,
+               timeout: float = DOWNLOAD_TIMEOUT_S) -> LoadedModel:
+    """Build the model and load its weights (see the module docstring for the order)."""
+    from lightly.models import ZOO
+
+    try:
+        module = build_module(spec)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"lightly.model: cannot build {spec.slug}: {exc}") from None
+    notes: list[str] = []
+    if checkpoint is not None:
+        load_state(module, _torch_load(checkpoint), spec, str(checkpoint))
+        return _finish(module, spec, "checkpoint", str(checkpoint), checkpoint, notes)
+    if weights_file is not None:
+        load_state(module, _torch_load(weights_file), spec, str(weights_file))
+        return _finish(module, spec, "pretrained", str(weights_file), weights_file, notes)
+
+    url = ZOO.get(spec.zoo_key)
+    if pretrained and url:
+        filename = Path(url).name
+        hub = hub_dir if hub_dir is not None else Path(torch.hub.get_dir())
+        local, cached = models_dir / filename, hub / "checkpoints" / filename
+        for candidate in (local, cached):
+            if candidate.is_file():
+                load_state(module, _torch_load(candidate), spec, str(candidate))
+                return _finish(module, spec, "pretrained", url, candidate, notes)
+        try:
+            _download(url, local, timeout)
+        except Exception as exc:  # noqa: BLE001 - offline, proxy, DNS, hash: all mean "no pretrained weights"
+            notes.append(f"could not download lightly's pretrained weights for {spec.zoo_key} from {url}: {exc}")
+        else:
+            load_state(module, _torch_load(local), spec, str(local))
+            return _finish(module, spec, "pretrained", url, local, notes)
+    elif pretrained:
+        notes.append(f"lightly has no pretrained weights for {spec.zoo_key}")
+
+    path = models_dir / f"random-{spec.slug}-seed{seed}.pt"
+    if path.is_file():
+        load_state(module, _torch_load(path), spec, str(path))
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = build_module(spec)
+        models_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=models_dir, prefix=".random-")
+        os.close(fd)
+        torch.save({"state_dict": {f"model.{k}": v for k, v in module.state_dict().items()}}, tmp)
+        os.replace(tmp, path)
+    notes.append(
+        "embeddings come from RANDOM weights (saved in %s and reused); for meaningful embeddings give "
+        "checkpoint=PATH, place lightly's pretrained file in %s (or point POOLWATCH_WEIGHTS at it), "
+        "or set enable_training=true" % (path, models_dir)
+    )
+    return _finish(module, spec, "random", f"seed {seed}", path, notes)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ModelError("device: invalid value 'cuda'; CUDA is not available on this machine (allowed: auto, cpu)")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class Embedder:
+    """Batched inference with the backbone of a loaded model. Counts its forward passes."""
+
+    def __init__(self, model: LoadedModel, device: torch.device | str = "cpu") -> None:
+        self.model = model
+        self.device = torch.device(device)
+        self.backbone = model.module.backbone.to(self.device).eval()
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        self.forward_passes = 0
+        self.images_embedded = 0
+
+    @property
+    def dim(self) -> int:
+        return self.model.spec.num_ftrs
+
+    @property
+    def input_size(self) -> int:
+        return self.model.spec.input_size
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """N×s×s×3 uint8 → N×num_ftrs float32 (the operations of ToTensor + Normalize, batched)."""
+        if len(pixels) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
+            x = x.permute(0, 3, 1, 2).float().div(255)
+            x = (x - self.mean) / self.std
+            out = self.backbone(x).flatten(start_dim=1)
+            self.forward_passes += 1
+            self.images_embedded += len(pixels)
+            return out.float().cpu().numpy()

@@ -1,0 +1,293 @@
+"""Ingest: find image files, decide what needs work, read → hash → verdict → embed → store.
+
+A file's identity is (root, relpath, size, mtime_ns): a file whose identity is unchanged is never
+read again (unless the current model has no vector for it yet). Reading and decoding happen in
+`decode.read_and_decode` (a torch-free module, so process-pool workers stay small); the model
+forward pass and the store write happen in the caller's thread, one transaction per batch.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import os
+import stat
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .check import IMAGE_EXTENSIONS
+from .decode import Decoded, DecodeSettings, FileRef, read_and_decode
+from .embed import Embedder
+from .store import ImageRecord, Store, vector_hash
+
+
+class InputDirError(OSError):
+    """An input directory as a whole is missing or unreadable (an outage, never a mass deletion)."""
+
+
+@dataclass
+class BatchResult:
+    files: int = 0
+    ok: int = 0
+    corrupt: int = 0
+    duplicate: int = 0
+    vanished: int = 0
+    corrupt_reasons: dict[str, int] = field(default_factory=dict)
+    decode_seconds: float = 0.0  # waiting for decoded input in the caller's thread
+    compute_seconds: float = 0.0  # model forward
+    store_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def compute_efficiency(self) -> float:
+        """Share of the batch's wall time spent in the model, as lightly's progress bar reports it."""
+        return self.compute_seconds / self.total_seconds if self.total_seconds > 0 else 0.0
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def is_ignored(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def discover(root: Path, ignore_patterns: Sequence[str] = ()) -> Iterator[FileRef]:
+    """Every image file under `root`, recursively, in a stable order.
+
+    Symlinked files are followed; symlinked directories are not (no loops, no escaping the root).
+    Unreadable sub-directories are skipped (their files keep their state). Raises InputDirError
+    when `root` itself is missing or unreadable.
+    """
+    root = Path(root)
+    try:
+        if not root.is_dir():
+            raise InputDirError(errno.ENOENT, "input directory is missing", str(root))
+        os.listdir(root)
+    except PermissionError:
+        raise InputDirError(errno.EACCES, "input directory is unreadable", str(root)) from None
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            with os.scandir(root / rel_dir) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for entry in entries:
+            if is_ignored(entry.name, ignore_patterns):
+                continue
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    subdirs.append(rel)
+                    continue
+                if not is_image_name(entry.name):
+                    continue
+                st = entry.stat(follow_symlinks=True)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                yield FileRef(str(root), rel, st.st_size, st.st_mtime_ns)
+        stack.extend(reversed(subdirs))
+
+
+def plan(store: Store, root: Path, found: Iterable[FileRef], model_id: int | None = None) -> tuple[list[FileRef], list[str]]:
+    """(files needing work, relpaths gone from disk) for one input root.
+
+    A file needs work when it is new, its size or mtime changed, it was `missing`, or it is an `ok`
+    image the current model has no vector for yet.
+    """
+    known = store.known_files(str(root))
+    without_vector = store.ok_without_vector(str(root), model_id) if model_id is not None else set()
+    todo: list[FileRef] = []
+    seen: set[str] = set()
+    for ref in found:
+        seen.add(ref.relpath)
+        k = known.get(ref.relpath)
+        if k is None or k.size != ref.size or k.mtime_ns != ref.mtime_ns or k.status in ("missing", "pending") \
+                or ref.relpath in without_vector:
+            todo.append(ref)
+    gone = [rel for rel, k in known.items() if rel not in seen and k.status != "missing"]
+    return todo, gone
+
+
+def decode_batches(refs: Sequence[FileRef], settings: DecodeSettings, batch_size: int,
+                   executor: Executor | None = None) -> Iterator[list[Decoded]]:
+    """Decoded batches in order. With an executor, the next batch decodes while the caller works."""
+    batches = [refs[i:i + batch_size] for i in range(0, len(refs), batch_size)]
+    if executor is None:
+        for batch in batches:
+            yield [read_and_decode(r, settings) for r in batch]
+        return
+    pending: list[list[Future[Decoded]]] = []
+    for i, batch in enumerate(batches):
+        pending.append([executor.submit(read_and_decode, r, settings) for r in batch])
+        if i == 0 and len(batches) > 1:
+            continue
+        yield [f.result() for f in pending.pop(0)]
+    for futures in pending:
+        yield [f.result() for f in futures]
+
+
+def commit_batch(store: Store, embedder: Embedder, model_id: int, decoded: Sequence[Decoded],
+                 remove_duplicates: bool = True, clock: Callable[[], float] = time.perf_counter) -> BatchResult:
+    """Embed the batch's good images (skipping content duplicates) and record all of it in ONE transaction."""
+    result = BatchResult(files=len(decoded))
+    batch_hashes: dict[str, int] = {}  # hash -> position of its first ok image in this batch
+    dup_of_pos: dict[int, int | str] = {}  # position -> image id (store) or "pos:<i>" (batch)
+    to_embed: list[int] = []
+    for pos, d in enumerate(decoded):
+        if d.verdict is None or not d.verdict.ok:
+            continue
+        if remove_duplicates and d.hash is not None:
+            original = store.first_ok_with_hash(d.hash, exclude_id=_existing_id(store, d.ref))
+            if original is not None:
+                dup_of_pos[pos] = original
+                continue
+            if d.hash in batch_hashes:
+                dup_of_pos[pos] = f"pos:{batch_hashes[d.hash]}"
+                continue
+            batch_hashes[d.hash] = pos
+        to_embed.append(pos)
+
+    t0 = clock()
+    vectors = embedder.embed(np.stack([decoded[p].pixels for p in to_embed])) if to_embed else None
+    result.compute_seconds = clock() - t0
+    vector_of = {p: vectors[i] for i, p in enumerate(to_embed)} if vectors is not None else {}
+
+    t1 = clock()
+    with store.transaction():
+        ids: dict[int, int] = {}
+        batch_vhash: dict[str, int] = {}
+        for pos, d in enumerate(decoded):
+            v = d.verdict
+            if v is None:
+                result.vanished += store.mark_missing(d.ref.root, [d.ref.relpath])
+                continue
+            base = dict(root=d.ref.root, relpath=d.ref.relpath, size=d.ref.size, mtime_ns=d.ref.mtime_ns,
+                        hash=d.hash, width=v.width, height=v.height, format=v.format)
+            if not v.ok:
+                ids[pos] = store.upsert_image(ImageRecord(status="corrupt", reason=v.reason, detail=v.detail, **base))
+                result.corrupt += 1
+                result.corrupt_reasons[v.reason or "unknown"] = result.corrupt_reasons.get(v.reason or "unknown", 0) + 1
+                continue
+            if pos in dup_of_pos:
+                target = dup_of_pos[pos]
+                original = ids[int(target[4:])] if isinstance(target, str) else target
+                ids[pos] = store.upsert_image(ImageRecord(status="duplicate", reason="same_content",
+                                                          detail=f"identical bytes to image {original}",
+                                                          duplicate_of=original, **base))
+                result.duplicate += 1
+                continue
+            vec = vector_of[pos]
+            if remove_duplicates:
+                vh = vector_hash(vec)
+                original_v = batch_vhash.get(vh)
+                if original_v is None:
+                    original_v = store.first_ok_with_vector(model_id, vh, exclude_id=_existing_id(store, d.ref))
+                if original_v is not None:
+                    ids[pos] = store.upsert_image(ImageRecord(status="duplicate", reason="same_embedding",
+                                                              detail=f"identical embedding to image {original_v}",
+                                                              duplicate_of=original_v, **base))
+                    result.duplicate += 1
+                    continue
+            image_id = store.upsert_image(ImageRecord(status="ok", **base))
+            ids[pos] = image_id
+            store.put_embedding(image_id, model_id, vec)
+            if remove_duplicates:
+                batch_vhash[vector_hash(vec)] = image_id
+            result.ok += 1
+    result.store_seconds = clock() - t1
+    return result
+
+
+def _existing_id(store: Store, ref: FileRef) -> int | None:
+    row = store.image_by_path(ref.root, ref.relpath)
+    return int(row["id"]) if row else None
+
+
+@dataclass
+class PassSummary:
+    """What one ingest pass over the input dirs did."""
+
+    discovered: int = 0
+    processed: int = 0
+    ok: int = 0
+    corrupt: int = 0
+    duplicate: int = 0
+    missing: int = 0
+    outages: list[str] = field(default_factory=list)
+    forward_passes: int = 0
+    seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+    @property
+    def compute_efficiency(self) -> float:
+        return self.compute_seconds / self.seconds if self.seconds > 0 else 0.0
+
+
+def activate_model(store: Store, embedder: Embedder) -> int:
+    """Register the embedder's model in the store, make it current, return its id."""
+    m = embedder.model
+    model_id = store.register_model(weights_hash=m.weights_hash, input_size=m.spec.input_size, source=m.source,
+                                    detail=m.detail, arch=m.spec.arch(), dim=m.spec.num_ftrs, path=m.path)
+    current = store.current_model()
+    if current is None or current.id != model_id:
+        store.set_current_model(model_id)
+    return model_id
+
+
+def ingest_pass(store: Store, embedder: Embedder, model_id: int, roots: Sequence[Path], settings: DecodeSettings,
+                batch_size: int, *, executor: Executor | None = None, remove_duplicates: bool = True,
+                ignore_patterns: Sequence[str] = (), on_plan: Callable[[int], None] | None = None,
+                on_batch: Callable[[BatchResult], None] | None = None,
+                clock: Callable[[], float] = time.perf_counter) -> PassSummary:
+    """One pass over the input roots: discover, plan, process in batches, mark vanished files missing.
+
+    A root that is missing or unreadable as a whole is an outage (listed in the summary); its
+    images keep their state.
+    """
+    start = clock()
+    summary = PassSummary()
+    forward_before = embedder.forward_passes
+    todo: list[FileRef] = []
+    for root in roots:
+        try:
+            found = list(discover(root, ignore_patterns))
+        except InputDirError as exc:
+            summary.outages.append(f"{root}: {exc.strerror}")
+            continue
+        summary.discovered += len(found)
+        work, gone = plan(store, root, found, model_id)
+        todo.extend(work)
+        if gone:
+            with store.transaction():
+                summary.missing += store.mark_missing(str(root), gone)
+    if on_plan is not None:
+        on_plan(len(todo))
+    last = clock()
+    for decoded in decode_batches(todo, settings, batch_size, executor):
+        waited = clock() - last
+        result = commit_batch(store, embedder, model_id, decoded, remove_duplicates, clock)
+        result.decode_seconds = waited
+        now = clock()
+        result.total_seconds = now - last
+        last = now
+        summary.processed += result.files
+        summary.ok += result.ok
+        summary.corrupt += result.corrupt
+        summary.duplicate += result.duplicate
+        summary.missing += result.vanished
+        summary.compute_seconds += result.compute_seconds
+        if on_batch is not None:
+            on_batch(result)
+    summary.forward_passes = embedder.forward_passes - forward_before
+    summary.seconds = clock() - start
+    return summary

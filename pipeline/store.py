@@ -1,0 +1,378 @@
+"""The store: one SQLite file (WAL) behind a narrow interface. The only module that speaks SQL.
+
+Every write is a short transaction (`with store.transaction():`); a batch of ingested images is one
+transaction, so a crash leaves each image either fully recorded or not recorded at all (and the next
+scan finds it again). Schema changes go through the numbered MIGRATIONS below.
+
+Each thread opens its own `Store` (SQLite connections are not shared between threads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlite_utils
+
+STATUSES = ("pending", "ok", "corrupt", "duplicate", "missing")
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or used (not a poolwatch database, newer schema, ...)."""
+
+
+# Migration N brings the schema from version N-1 to N. Append only; never edit a released one.
+MIGRATIONS: list[str] = [
+    # 1: the base schema
+    """
+    CREATE TABLE images (
+        id INTEGER PRIMARY KEY,
+        root TEXT NOT NULL,
+        relpath TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        hash TEXT,
+        status TEXT NOT NULL CHECK (status IN ('pending', 'ok', 'corrupt', 'duplicate', 'missing')),
+        reason TEXT,
+        detail TEXT,
+        duplicate_of INTEGER REFERENCES images(id),
+        width INTEGER,
+        height INTEGER,
+        format TEXT,
+        first_seen REAL NOT NULL,
+        updated REAL NOT NULL,
+        UNIQUE (root, relpath)
+    );
+    CREATE INDEX images_hash ON images(hash);
+    CREATE INDEX images_status ON images(status);
+    CREATE TABLE models (
+        id INTEGER PRIMARY KEY,
+        weights_hash TEXT NOT NULL,
+        input_size INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        detail TEXT,
+        arch TEXT NOT NULL,
+        dim INTEGER NOT NULL,
+        path TEXT,
+        created REAL NOT NULL,
+        is_current INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (weights_hash, input_size)
+    );
+    CREATE TABLE embeddings (
+        image_id INTEGER NOT NULL REFERENCES images(id),
+        model_id INTEGER NOT NULL REFERENCES models(id),
+        vector BLOB NOT NULL,
+        vhash TEXT NOT NULL,
+        PRIMARY KEY (image_id, model_id)
+    );
+    CREATE INDEX embeddings_vhash ON embeddings(model_id, vhash);
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY,
+        trigger TEXT NOT NULL,
+        started REAL NOT NULL,
+        finished REAL,
+        status TEXT NOT NULL,
+        error TEXT,
+        config TEXT NOT NULL,
+        method TEXT,
+        pool TEXT,
+        model_id INTEGER REFERENCES models(id),
+        n_candidates INTEGER,
+        n_selected INTEGER,
+        stop_reason TEXT,
+        output_dir TEXT,
+        stats TEXT
+    );
+    CREATE TABLE decisions (
+        run_id INTEGER NOT NULL REFERENCES runs(id),
+        image_id INTEGER NOT NULL REFERENCES images(id),
+        selected INTEGER NOT NULL,
+        rank INTEGER,
+        distance REAL,
+        PRIMARY KEY (run_id, image_id)
+    );
+    CREATE INDEX decisions_image ON decisions(image_id);
+    CREATE TABLE datapool (
+        pool TEXT NOT NULL,
+        image_id INTEGER NOT NULL REFERENCES images(id),
+        added_in_run INTEGER REFERENCES runs(id),
+        PRIMARY KEY (pool, image_id)
+    );
+    """,
+]
+
+
+@dataclass(frozen=True)
+class KnownFile:
+    id: int
+    size: int
+    mtime_ns: int
+    status: str
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image's row as the ingest pipeline writes it."""
+
+    root: str
+    relpath: str
+    size: int
+    mtime_ns: int
+    hash: str | None
+    status: str
+    reason: str | None = None
+    detail: str | None = None
+    duplicate_of: int | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    id: int
+    weights_hash: str
+    input_size: int
+    source: str
+    detail: str | None
+    arch: dict[str, Any]
+    dim: int
+    path: str | None
+    is_current: bool
+
+
+def vector_hash(vector: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(vector, dtype=np.float32).tobytes(), digest_size=16).hexdigest()
+
+
+class Store:
+    """A poolwatch SQLite store. Open with `Store.open(path)`; close with `close()` or `with`."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self.conn = conn
+        self.path = path
+        self.db = sqlite_utils.Database(conn)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, busy_timeout: float = 30.0) -> Store:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # isolation_level=None: no implicit transactions; `transaction()` issues BEGIN IMMEDIATE.
+            conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            store = cls(conn, path)
+            store._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open the store {str(path)!r}: {exc}") from None
+        return store
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        version = self.schema_version
+        if version > len(MIGRATIONS):
+            raise StoreError(f"the store {str(self.path)!r} has schema {version}, newer than this poolwatch ({len(MIGRATIONS)})")
+        for number in range(version + 1, len(MIGRATIONS) + 1):
+            with self.transaction():
+                for statement in MIGRATIONS[number - 1].split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version = {number}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One write transaction; nested use joins the outer one."""
+        if self.conn.in_transaction:
+            yield
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def integrity_check(self) -> str:
+        return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+    # ---- images ---------------------------------------------------------------------------
+    def known_files(self, root: str) -> dict[str, KnownFile]:
+        rows = self.conn.execute("SELECT relpath, id, size, mtime_ns, status FROM images WHERE root = ?", (root,))
+        return {r[0]: KnownFile(r[1], r[2], r[3], r[4]) for r in rows}
+
+    def upsert_image(self, rec: ImageRecord) -> int:
+        """Insert or update the row of (root, relpath); returns its id. Use inside a transaction."""
+        now = time.time()
+        row = self.conn.execute("SELECT id FROM images WHERE root = ? AND relpath = ?", (rec.root, rec.relpath)).fetchone()
+        values = (rec.size, rec.mtime_ns, rec.hash, rec.status, rec.reason, rec.detail, rec.duplicate_of,
+                  rec.width, rec.height, rec.format, now)
+        if row is None:
+            cur = self.conn.execute(
+                "INSERT INTO images (size, mtime_ns, hash, status, reason, detail, duplicate_of, width, height, format,"
+                " updated, root, relpath, first_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (*values, rec.root, rec.relpath, now),
+            )
+            return int(cur.lastrowid)
+        image_id = int(row[0])
+        old = self.conn.execute("SELECT hash FROM images WHERE id = ?", (image_id,)).fetchone()
+        self.conn.execute(
+            "UPDATE images SET size=?, mtime_ns=?, hash=?, status=?, reason=?, detail=?, duplicate_of=?, width=?,"
+            " height=?, format=?, updated=? WHERE id=?",
+            (*values, image_id),
+        )
+        if old[0] != rec.hash or rec.status != "ok":
+            # Changed content gets new vectors; its old decisions stay as history.
+            self.conn.execute("DELETE FROM embeddings WHERE image_id = ?", (image_id,))
+        return image_id
+
+    def first_ok_with_hash(self, content_hash: str, exclude_id: int | None = None) -> int | None:
+        row = self.conn.execute(
+            "SELECT id FROM images WHERE hash = ? AND status = 'ok' AND id IS NOT ? ORDER BY id LIMIT 1",
+            (content_hash, exclude_id),
+        ).fetchone()
+        return int(row[0]) if row else None
+
+    def ok_without_vector(self, root: str, model_id: int) -> set[str]:
+        rows = self.conn.execute(
+            "SELECT relpath FROM images i WHERE root = ? AND status = 'ok' AND NOT EXISTS"
+            " (SELECT 1 FROM embeddings e WHERE e.image_id = i.id AND e.model_id = ?)",
+            (root, model_id),
+        )
+        return {r[0] for r in rows}
+
+    def mark_missing(self, root: str, relpaths: Iterable[str]) -> int:
+        now = time.time()
+        cur = self.conn.executemany(
+            "UPDATE images SET status='missing', reason=NULL, detail=NULL, updated=? WHERE root=? AND relpath=? AND status != 'missing'",
+            ((now, root, rel) for rel in relpaths),
+        )
+        return cur.rowcount
+
+    def image(self, image_id: int) -> dict[str, Any] | None:
+        rows = list(self.db.query("SELECT * FROM images WHERE id = ?", [image_id]))
+        return rows[0] if rows else None
+
+    def image_by_path(self, root: str, relpath: str) -> dict[str, Any] | None:
+        rows = list(self.db.query("SELECT * FROM images WHERE root = ? AND relpath = ?", [root, relpath]))
+        return rows[0] if rows else None
+
+    def images(self, status: str | None = None) -> list[dict[str, Any]]:
+        if status is None:
+            return list(self.db.query("SELECT * FROM images ORDER BY id"))
+        return list(self.db.query("SELECT * FROM images WHERE status = ? ORDER BY id", [status]))
+
+    def counts_by_status(self) -> dict[str, int]:
+        counts = {s: 0 for s in STATUSES}
+        for status, n in self.conn.execute("SELECT status, COUNT(*) FROM images GROUP BY status"):
+            counts[status] = n
+        return counts
+
+    def corrupt_by_reason(self) -> dict[str, int]:
+        rows = self.conn.execute("SELECT reason, COUNT(*) FROM images WHERE status='corrupt' GROUP BY reason ORDER BY reason")
+        return {r: n for r, n in rows}
+
+    # ---- models ---------------------------------------------------------------------------
+    def register_model(self, *, weights_hash: str, input_size: int, source: str, detail: str | None,
+                       arch: dict[str, Any], dim: int, path: str | None) -> int:
+        """Get-or-create the model row for these weights at this input size; returns its id."""
+        row = self.conn.execute(
+            "SELECT id FROM models WHERE weights_hash = ? AND input_size = ?", (weights_hash, input_size)
+        ).fetchone()
+        if row:
+            return int(row[0])
+        with self.transaction():
+            cur = self.conn.execute(
+                "INSERT INTO models (weights_hash, input_size, source, detail, arch, dim, path, created)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (weights_hash, input_size, source, detail, json.dumps(arch, sort_keys=True), dim, path, time.time()),
+            )
+            return int(cur.lastrowid)
+
+    def set_current_model(self, model_id: int) -> None:
+        with self.transaction():
+            self.conn.execute("UPDATE models SET is_current = (id = ?)", (model_id,))
+
+    def model(self, model_id: int) -> ModelRecord | None:
+        row = self.conn.execute(
+            "SELECT id, weights_hash, input_size, source, detail, arch, dim, path, is_current FROM models WHERE id=?",
+            (model_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return ModelRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], bool(row[8]))
+
+    def current_model(self) -> ModelRecord | None:
+        row = self.conn.execute("SELECT id FROM models WHERE is_current = 1").fetchone()
+        return self.model(int(row[0])) if row else None
+
+    # ---- embeddings -----------------------------------------------------------------------
+    def put_embedding(self, image_id: int, model_id: int, vector: np.ndarray) -> None:
+        vec = np.ascontiguousarray(vector, dtype=np.float32)
+        self.conn.execute(
+            "INSERT OR REPLACE INTO embeddings (image_id, model_id, vector, vhash) VALUES (?,?,?,?)",
+            (image_id, model_id, vec.tobytes(), vector_hash(vec)),
+        )
+
+    def first_ok_with_vector(self, model_id: int, vhash: str, exclude_id: int | None = None) -> int | None:
+        row = self.conn.execute(
+            "SELECT e.image_id FROM embeddings e JOIN images i ON i.id = e.image_id"
+            " WHERE e.model_id = ? AND e.vhash = ? AND i.status = 'ok' AND i.id IS NOT ? ORDER BY i.id LIMIT 1",
+            (model_id, vhash, exclude_id),
+        ).fetchone()
+        return int(row[0]) if row else None
+
+    def count_embeddings(self, model_id: int) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM embeddings WHERE model_id = ?", (model_id,)).fetchone()[0])
+
+    def vectors(self, model_id: int, image_ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(image ids, N×d float32 matrix) of `ok` images embedded by this model, ordered by image id."""
+        model = self.model(model_id)
+        if model is None:
+            raise StoreError(f"no model with id {model_id}")
+        sql = ("SELECT e.image_id, e.vector FROM embeddings e JOIN images i ON i.id = e.image_id"
+               " WHERE e.model_id = ? AND i.status = 'ok'")
+        params: list[Any] = [model_id]
+        rows = self.conn.execute(sql + " ORDER BY e.image_id", params).fetchall()
+        if image_ids is not None:
+            wanted = set(int(i) for i in image_ids)
+            rows = [r for r in rows if r[0] in wanted]
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), model.dim)
+        return ids, matrix.copy()
+
+    # ---- status ---------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        model = self.current_model()
+        return {
+            "images": self.counts_by_status(),
+            "corrupt_by_reason": self.corrupt_by_reason(),
+            "embedded": self.count_embeddings(model.id) if model else 0,
+            "model": None if model is None else {
+                "id": model.id, "source": model.source, "detail": model.detail, "dim": model.dim,
+                "input_size": model.input_size, "arch": model.arch, "weights_hash": model.weights_hash,
+            },
+        }

@@ -1,0 +1,5 @@
+"""poolwatch: an always-on image-dataset curator."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
