@@ -15,6 +15,9 @@ from collections.abc import Callable, Sequence
 
 from poolwatch import __version__
 from poolwatch.pipeline.config import Config, ConfigError, load_config
+from poolwatch.pipeline.coreset import SamplingError
+from poolwatch.pipeline.embed import ModelError
+from poolwatch.pipeline.export import ExportError
 from poolwatch.pipeline.store import Store, StoreError
 
 from . import runtime
@@ -42,18 +45,31 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common], help="counts, model and pools of the store")
     p.add_argument("--json", action="store_true", help="print as JSON")
     sub.add_parser("sanity-check", parents=[common], help="check install, torch, model, store and dirs")
+    p = sub.add_parser("sample", parents=[common], help="ingest the input dirs, then one sampling run")
+    p.add_argument("--json", action="store_true", help="print the run's summary as JSON")
+    p = sub.add_parser("config", parents=[common], help="print the resolved configuration (token masked)")
+    p.add_argument("--reference", action="store_true", help="print every option as a markdown table instead")
+    p = sub.add_parser("datapool", parents=[common], help="list, export, import or restore a datapool")
+    p.add_argument("action", choices=["list", "export", "import", "restore"])
+    p.add_argument("pool_args", nargs="*", metavar="NAME [FILE]",
+                   help="export NAME FILE | import NAME FILE (adds) | restore NAME FILE (replaces) | list")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "datapool":
+        # argparse cannot tell `NAME FILE` from `key=value`; the `=` does.
+        rest = [*args.pool_args, *args.overrides]
+        args.pool_args = [a for a in rest if "=" not in a]
+        args.overrides = [a for a in rest if "=" in a]
     runtime.setup_logging(args.log_level)
     try:
         config = load_config(args.overrides, args.config)
         if config.sanity_check or args.command == "sanity-check":
             return sanity_check(config)
         return COMMANDS[args.command](config, args)
-    except (ConfigError, UsageError) as exc:
+    except (ConfigError, UsageError, SamplingError, ModelError, ExportError) as exc:
         print(f"poolwatch: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except StoreError as exc:
@@ -63,10 +79,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _model_error(exc: Exception) -> UsageError:
-    return UsageError(str(exc))
-
-
 def open_store(config: Config) -> Store:
     return Store.open(config.store_path, busy_timeout=float(config.store.busy_timeout))
 
@@ -74,14 +86,10 @@ def open_store(config: Config) -> Store:
 def cmd_ingest(config: Config, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from poolwatch.pipeline.embed import ModelError
     from poolwatch.pipeline.ingest import activate_model, ingest_pass
 
     runtime.configure_torch_threads(config)
-    try:
-        embedder = runtime.load_embedder(config)
-    except ModelError as exc:
-        raise _model_error(exc) from None
+    embedder = runtime.load_embedder(config)
     store = open_store(config)
     executor = runtime.decode_executor(config)
     bar = tqdm(total=0, unit="img", disable=not sys.stderr.isatty(), dynamic_ncols=True)
@@ -215,9 +223,95 @@ def sanity_check(config: Config) -> int:
     return EXIT_OK if not failed else EXIT_FAILED
 
 
+def cmd_sample(config: Config, args: argparse.Namespace) -> int:
+    from poolwatch.pipeline.sampling import import_embeddings, recover, sample_run, summarize_run, validate_sampling
+
+    validate_sampling(config)
+    model_id = preselected = None
+    if config.embeddings:
+        if config.enable_training:
+            raise UsageError("enable_training: cannot train when embeddings= is given (there are no images)")
+        with open_store(config) as store:
+            model_id, preselected = import_embeddings(store, config.resolve_shared(config.embeddings))
+    else:
+        ingest_args = argparse.Namespace(json=False)
+        code = cmd_ingest(config, ingest_args)
+        if code != EXIT_OK:
+            return code
+    with open_store(config) as store:
+        for line in recover(store, config.shared_path):
+            log.warning("recovery: %s", line)
+        log.info("sampling run (%s, pool %s) started", config.method, config.datapool.name or "none")
+        result = sample_run(store, config, trigger="cli", model_id=model_id, preselected=preselected)
+        row = summarize_run(store.run(result.run_id) or {})
+    log.info("sampling run %d finished: %d of %d candidates selected (%s), pool %d -> %d, outputs in %s",
+             result.run_id, result.n_selected, result.n_candidates, result.stop_reason, result.pool_before,
+             result.pool_after, result.output_dir)
+    if args.json:
+        print(json.dumps({**row, "pool_before": result.pool_before, "pool_after": result.pool_after}))
+    else:
+        print(f"run {result.run_id}: selected {result.n_selected} of {result.n_candidates} candidates "
+              f"({result.stop_reason}); pool {result.pool_before} -> {result.pool_after}; {result.output_dir}")
+    return EXIT_OK
+
+
+def cmd_datapool(config: Config, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from poolwatch.pipeline.sampling import pool_ids_from_csv, write_pool_files
+
+    action, rest = args.action, args.pool_args
+    if action == "list":
+        with open_store(config) as store:
+            for name, size in store.pools().items():
+                print(f"{name}\t{size}")
+        return EXIT_OK
+    if len(rest) != 2:
+        raise UsageError(f"datapool {action}: expects NAME FILE, got {' '.join(rest) or 'nothing'}")
+    name, file = rest[0], Path(rest[1])
+    pool_config = config.model_copy(update={"datapool": config.datapool.model_copy(update={"name": name})})
+    with open_store(config) as store:
+        model = store.current_model()
+        if model is None:
+            raise UsageError("the store has no model yet: run `poolwatch ingest` first")
+        if action == "export":
+            if name not in store.pools():
+                raise UsageError(f"datapool export: no pool named {name!r} (see `poolwatch datapool list`)")
+            from poolwatch.pipeline.export import write_embeddings_csv
+            from poolwatch.pipeline.sampling import normalize, output_names
+
+            ids, vectors = store.vectors(model.id, store.pool_members(name), ok_only=False)
+            names, labels = output_names(store, config, ids)
+            write_embeddings_csv(file, names, normalize(vectors) if config.normalize_embeddings else vectors, labels)
+            print(f"exported {len(ids)} members of {name} to {file}")
+            return EXIT_OK
+        ids, unknown = pool_ids_from_csv(store, config, file)
+        if unknown:
+            raise UsageError(f"datapool {action}: {len(unknown)} files in {file} are not in the store "
+                             f"(first: {unknown[0]!r}); ingest them first")
+        if action == "restore":
+            store.replace_pool(name, ids)
+        else:
+            store.add_to_pool(name, ids)
+        size = write_pool_files(store, pool_config, name, model.id, history_name=None)
+    log.info("datapool %s %s from %s: %d members now", name, "restored" if action == "restore" else "imported", file, size)
+    print(f"datapool {name}: {size} members")
+    return EXIT_OK
+
+
+def cmd_config(config: Config, args: argparse.Namespace) -> int:
+    from poolwatch.pipeline.config import reference_table
+
+    print(reference_table() if args.reference else config.to_yaml(), end="\n")
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "ingest": cmd_ingest,
     "status": cmd_status,
+    "sample": cmd_sample,
+    "datapool": cmd_datapool,
+    "config": cmd_config,
 }
 
 if __name__ == "__main__":

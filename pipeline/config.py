@@ -444,3 +444,24 @@ def parse_interval(text: str) -> float:
     if not m:
         raise ConfigError(f"schedule.interval: invalid value {text!r}; allowed: a duration such as 90s, 30m, 6h, 1d")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def reference_table(text: str | None = None) -> str:
+    """A markdown table of every option in config.yaml: dotted key, default, comment."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    path: list[tuple[int, str]] = []
+    for line in (text if text is not None else default_config_text()).splitlines():
+        m = re.match(r"^(\s*)([A-Za-z_][\w]*):\s*(.*)$", line)
+        if not m or line.lstrip().startswith("#"):
+            continue
+        indent, key, rest = len(m.group(1)), m.group(2), m.group(3)
+        while path and path[-1][0] >= indent:
+            path.pop()
+        value, _, comment = rest.partition("#")
+        if not value.strip():
+            path.append((indent, key))
+            continue
+        dotted = ".".join([p for _, p in path] + [key])
+        default = value.strip().replace("|", "\\|")
+        rows.append(f"| `{dotted}` | `{default}` | {comment.strip().replace('|', '/')} |")
+    return "\n".join(rows)

@@ -348,21 +348,116 @@ class Store:
     def count_embeddings(self, model_id: int) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM embeddings WHERE model_id = ?", (model_id,)).fetchone()[0])
 
-    def vectors(self, model_id: int, image_ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(image ids, N×d float32 matrix) of `ok` images embedded by this model, ordered by image id."""
+    def vectors(self, model_id: int, image_ids: Sequence[int] | None = None, ok_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(image ids, N×d float32 matrix) of the images embedded by this model, ordered by image id;
+        only `ok` images unless ok_only=False; restricted to `image_ids` when given."""
         model = self.model(model_id)
         if model is None:
             raise StoreError(f"no model with id {model_id}")
-        sql = ("SELECT e.image_id, e.vector FROM embeddings e JOIN images i ON i.id = e.image_id"
-               " WHERE e.model_id = ? AND i.status = 'ok'")
-        params: list[Any] = [model_id]
-        rows = self.conn.execute(sql + " ORDER BY e.image_id", params).fetchall()
+        sql = "SELECT e.image_id, e.vector FROM embeddings e"
+        if ok_only:
+            sql += " JOIN images i ON i.id = e.image_id AND i.status = 'ok'"
+        rows = self.conn.execute(sql + " WHERE e.model_id = ? ORDER BY e.image_id", (model_id,)).fetchall()
         if image_ids is not None:
             wanted = set(int(i) for i in image_ids)
             rows = [r for r in rows if r[0] in wanted]
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), model.dim)
         return ids, matrix.copy()
+
+    # ---- runs, decisions, pools -------------------------------------------------------------
+    def begin_run(self, *, trigger: str, config_json: str, method: str, pool: str | None, model_id: int | None) -> int:
+        with self.transaction():
+            cur = self.conn.execute(
+                "INSERT INTO runs (trigger, started, status, config, method, pool, model_id) VALUES (?,?,?,?,?,?,?)",
+                (trigger, time.time(), "running", config_json, method, pool or None, model_id),
+            )
+            return int(cur.lastrowid)
+
+    def finish_run(self, run_id: int, *, n_candidates: int, n_selected: int, stop_reason: str, output_dir: str,
+                   stats: dict[str, Any], decisions: Iterable[tuple[int, bool, int | None, float | None]],
+                   pool: str | None, pool_add: Sequence[int]) -> None:
+        """Decisions, pool update and the run's outcome in ONE transaction."""
+        with self.transaction():
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO decisions (run_id, image_id, selected, rank, distance) VALUES (?,?,?,?,?)",
+                ((run_id, int(i), int(sel), rank, dist) for i, sel, rank, dist in decisions),
+            )
+            if pool:
+                self.conn.executemany(
+                    "INSERT OR IGNORE INTO datapool (pool, image_id, added_in_run) VALUES (?,?,?)",
+                    ((pool, int(i), run_id) for i in pool_add),
+                )
+            self.conn.execute(
+                "UPDATE runs SET finished=?, status='ok', n_candidates=?, n_selected=?, stop_reason=?, output_dir=?,"
+                " stats=? WHERE id=?",
+                (time.time(), n_candidates, n_selected, stop_reason, output_dir, json.dumps(stats), run_id),
+            )
+
+    def fail_run(self, run_id: int, error: str, status: str = "failed") -> None:
+        with self.transaction():
+            self.conn.execute("UPDATE runs SET finished=?, status=?, error=? WHERE id=?", (time.time(), status, error, run_id))
+
+    def interrupted_runs(self) -> list[int]:
+        """Runs left 'running' by a process that died; the caller decides (only one process owns a store)."""
+        return [int(r[0]) for r in self.conn.execute("SELECT id FROM runs WHERE status = 'running' ORDER BY id")]
+
+    def run(self, run_id: int) -> dict[str, Any] | None:
+        rows = list(self.db.query("SELECT * FROM runs WHERE id = ?", [run_id]))
+        return rows[0] if rows else None
+
+    def runs(self, limit: int = 20) -> list[dict[str, Any]]:
+        return list(self.db.query("SELECT * FROM runs ORDER BY id DESC LIMIT ?", [limit]))
+
+    def decisions(self, run_id: int) -> list[dict[str, Any]]:
+        return list(self.db.query("SELECT * FROM decisions WHERE run_id = ? ORDER BY selected DESC, rank, image_id", [run_id]))
+
+    def pool_members(self, pool: str) -> list[int]:
+        return [int(r[0]) for r in self.conn.execute("SELECT image_id FROM datapool WHERE pool = ? ORDER BY image_id", (pool,))]
+
+    def pools(self) -> dict[str, int]:
+        return {p: n for p, n in self.conn.execute("SELECT pool, COUNT(*) FROM datapool GROUP BY pool ORDER BY pool")}
+
+    def replace_pool(self, pool: str, image_ids: Iterable[int], run_id: int | None = None) -> None:
+        with self.transaction():
+            self.conn.execute("DELETE FROM datapool WHERE pool = ?", (pool,))
+            self.conn.executemany("INSERT OR IGNORE INTO datapool (pool, image_id, added_in_run) VALUES (?,?,?)",
+                                  ((pool, int(i), run_id) for i in image_ids))
+
+    def add_to_pool(self, pool: str, image_ids: Iterable[int], run_id: int | None = None) -> int:
+        with self.transaction():
+            cur = self.conn.executemany("INSERT OR IGNORE INTO datapool (pool, image_id, added_in_run) VALUES (?,?,?)",
+                                        ((pool, int(i), run_id) for i in image_ids))
+            return cur.rowcount
+
+    def candidate_ids(self, model_id: int, pool: str | None, process_all: bool) -> list[int]:
+        """`ok` images with a vector of this model, not in the pool and, for pool runs, not decided by an
+        earlier successful run of the same pool (unless process_all)."""
+        sql = ("SELECT i.id FROM images i JOIN embeddings e ON e.image_id = i.id AND e.model_id = ?"
+               " WHERE i.status = 'ok'")
+        params: list[Any] = [model_id]
+        if pool:
+            sql += " AND i.id NOT IN (SELECT image_id FROM datapool WHERE pool = ?)"
+            params.append(pool)
+            if not process_all:
+                sql += (" AND i.id NOT IN (SELECT d.image_id FROM decisions d JOIN runs r ON r.id = d.run_id"
+                        " WHERE r.pool = ? AND r.status = 'ok')")
+                params.append(pool)
+        return [int(r[0]) for r in self.conn.execute(sql + " ORDER BY i.id", params)]
+
+    def paths(self, image_ids: Iterable[int]) -> dict[int, tuple[str, str]]:
+        """image id -> (root, relpath)."""
+        out: dict[int, tuple[str, str]] = {}
+        ids = [int(i) for i in image_ids]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for r in self.conn.execute(f"SELECT id, root, relpath FROM images WHERE id IN ({marks})", chunk):
+                out[int(r[0])] = (r[1], r[2])
+        return out
+
+    def ids_by_path(self, root: str) -> dict[str, int]:
+        return {r[0]: int(r[1]) for r in self.conn.execute("SELECT relpath, id FROM images WHERE root = ?", (root,))}
 
     # ---- status ---------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -371,6 +466,9 @@ class Store:
             "images": self.counts_by_status(),
             "corrupt_by_reason": self.corrupt_by_reason(),
             "embedded": self.count_embeddings(model.id) if model else 0,
+            "datapools": self.pools(),
+            "last_run": next(({k: r[k] for k in ("id", "trigger", "status", "started", "finished", "n_candidates",
+                                "n_selected", "pool", "output_dir", "error")} for r in self.runs(1)), None),
             "model": None if model is None else {
                 "id": model.id, "source": model.source, "detail": model.detail, "dim": model.dim,
                 "input_size": model.input_size, "arch": model.arch, "weights_hash": model.weights_hash,

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+POOLWATCH = [sys.executable, "-m", "poolwatch.daemon.cli"]
+
+
+def photo(seed: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
+    """A photo-like RGB image: smooth gradients, blobs and noise, different for every seed."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for c in range(3):
+        fx, fy, phase = rng.uniform(0.5, 4, 2).tolist() + [rng.uniform(0, 6.28)]
+        img[..., c] = 127 + 100 * np.sin(fx * x / w * 6.28 + fy * y / h * 6.28 + phase)
+    for _ in range(4):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(5, 30)
+        mask = ((x - cx) ** 2 + (y - cy) ** 2) < r**2
+        img[mask] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 8, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([*POOLWATCH, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def status_json(shared: Path) -> dict:
+    proc = run_cli("status", "--json", f"shared_dir={shared}")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    inp, shared = tmp_path / "input", tmp_path / "shared"
+    inp.mkdir()
+    return inp, shared
+
+
+FAST = ["lightly.pre_trained=false", "lightly.loader.batch_size=32", "lightly.loader.num_workers=2"]
+
+
+def make_dataset(root: Path, n_ok: int = 180, seed: int = 0) -> dict:
+    """Photo-like images plus corrupt files of several kinds and exact duplicates; returns the truth."""
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in ("cats", "dogs"):
+        (root / sub).mkdir(exist_ok=True)
+    truth = {"ok": 0, "duplicate": 0, "corrupt": {}}
+    for i in range(n_ok):
+        folder = root / ("cats" if i % 2 else "dogs")
+        fmt, ext = (("PNG", "png") if i % 5 == 0 else ("JPEG", "jpg"))
+        (folder / f"img_{i:04d}.{ext}").write_bytes(encode(photo(seed * 100_000 + i), fmt))
+        truth["ok"] += 1
+    # exact duplicates: byte copies of earlier files under other names
+    for i in range(8):
+        src = root / ("cats" if i % 2 else "dogs") / f"img_{i + 1:04d}.jpg"
+        if src.exists():
+            (root / f"copy_of_{i}.jpg").write_bytes(src.read_bytes())
+            truth["duplicate"] += 1
+    jpeg = encode(photo(seed + 999_001, (160, 120)), "JPEG", quality=90)
+    png = encode(photo(seed + 999_002, (160, 120)), "PNG")
+    corrupt = {
+        "empty.jpg": (b"", "empty"),
+        "random.png": (np.random.default_rng(seed).bytes(5000), "not_an_image"),
+        "text.jpg": (b"this is not an image\n" * 20, "not_an_image"),
+        "png_named.jpg": (png, "format_mismatch"),
+        "cut.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
+        "cut_with_eoi.jpg": (jpeg[: len(jpeg) // 2] + b"\xff\xd9", "truncated"),
+        "cut.png": (png[: len(png) // 2], "truncated"),
+    }
+    for name, (data, reason) in corrupt.items():
+        (root / name).write_bytes(data)
+        truth["corrupt"][reason] = truth["corrupt"].get(reason, 0) + 1
+    (root / "notes.txt").write_text("not an image extension: ignored")
+    return truth
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file under root with size, mtime and content: proof that nothing was written there."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns, p.read_bytes())
+    return out
