@@ -32,10 +32,11 @@ class UsageError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE", help="YAML file over the defaults (see config.yaml)")
+    base = argparse.ArgumentParser(add_help=False)
+    base.add_argument("--config", metavar="FILE", help="YAML file over the defaults (see config.yaml)")
+    base.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    common = argparse.ArgumentParser(add_help=False, parents=[base])
     common.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. stopping_condition.n_samples=0.1")
-    common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     parser = argparse.ArgumentParser(prog="poolwatch", description="Always-on image-dataset curator.")
     parser.add_argument("--version", action="version", version=f"poolwatch {__version__}")
@@ -49,10 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the run's summary as JSON")
     p = sub.add_parser("config", parents=[common], help="print the resolved configuration (token masked)")
     p.add_argument("--reference", action="store_true", help="print every option as a markdown table instead")
-    p = sub.add_parser("datapool", parents=[common], help="list, export, import or restore a datapool")
-    p.add_argument("action", choices=["list", "export", "import", "restore"])
-    p.add_argument("pool_args", nargs="*", metavar="NAME [FILE]",
-                   help="export NAME FILE | import NAME FILE (adds) | restore NAME FILE (replaces) | list")
+    p = sub.add_parser("datapool", parents=[base], help="list, export, import or restore a datapool")
+    p.add_argument("words", nargs="+", metavar="ACTION [NAME FILE] [key=value ...]",
+                   help="list | export NAME FILE | import NAME FILE (adds) | restore NAME FILE (replaces)")
     return parser
 
 
@@ -60,9 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "datapool":
         # argparse cannot tell `NAME FILE` from `key=value`; the `=` does.
-        rest = [*args.pool_args, *args.overrides]
-        args.pool_args = [a for a in rest if "=" not in a]
-        args.overrides = [a for a in rest if "=" in a]
+        words = [w for w in args.words if "=" not in w]
+        args.overrides = [w for w in args.words if "=" in w]
+        args.action, args.pool_args = (words[0] if words else ""), words[1:]
     runtime.setup_logging(args.log_level)
     try:
         config = load_config(args.overrides, args.config)
@@ -261,6 +261,8 @@ def cmd_datapool(config: Config, args: argparse.Namespace) -> int:
     from poolwatch.pipeline.sampling import pool_ids_from_csv, write_pool_files
 
     action, rest = args.action, args.pool_args
+    if action not in ("list", "export", "import", "restore"):
+        raise UsageError(f"datapool: unknown action {action!r}; allowed: list, export, import, restore")
     if action == "list":
         with open_store(config) as store:
             for name, size in store.pools().items():

@@ -17,6 +17,7 @@ Where the weights come from, first match wins:
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import tempfile
@@ -143,13 +144,17 @@ def _finish(module: nn.Module, spec: ModelSpec, source: str, detail: str, path: 
 
 
 def _download(url: str, dest: Path, timeout: float) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
     with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - lightly's fixed https URL
         data = response.read()
     expected = re.search(r"-([a-f0-9]{8,})\.", Path(url).name)
     if expected and not hashlib.sha256(data).hexdigest().startswith(expected.group(1)):
         raise OSError(f"downloaded file does not match the hash in its name ({expected.group(1)})")
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".download-")
+    _write_atomic(dest, data)
+
+
+def _write_atomic(dest: Path, data: bytes) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}-")
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
     os.replace(tmp, dest)
@@ -199,11 +204,10 @@ def load_model(spec: ModelSpec, *, models_dir: Path, checkpoint: Path | None = N
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             module = build_module(spec)
-        models_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=models_dir, prefix=".random-")
-        os.close(fd)
-        torch.save({"state_dict": {f"model.{k}": v for k, v in module.state_dict().items()}}, tmp)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        # The "model." prefix makes it a lightly-style checkpoint that lightly-embed can load too.
+        torch.save({"state_dict": {f"model.{k}": v for k, v in module.state_dict().items()}}, buf)
+        _write_atomic(path, buf.getvalue())
     notes.append(
         "embeddings come from RANDOM weights (saved in %s and reused); for meaningful embeddings give "
         "checkpoint=PATH, place lightly's pretrained file in %s (or point POOLWATCH_WEIGHTS at it), "

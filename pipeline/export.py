@@ -58,10 +58,12 @@ class Naming:
         return (plain[0], filename) if plain else None
 
 
-def labels_for(relpaths: Sequence[str]) -> list[int]:
-    """lightly-style labels: index of the top-level sub-folder (sorted), 0 for files at the top."""
-    folders = sorted({r.split("/", 1)[0] for r in relpaths if "/" in r})
-    index = {f: i for i, f in enumerate(folders)}
+def labels_for(relpaths: Sequence[str], folders: Sequence[str] | None = None) -> list[int]:
+    """lightly-style labels: index of the top-level sub-folder among `folders` (default: those of
+    `relpaths`), sorted; 0 for files at the top."""
+    if folders is None:
+        folders = {r.split("/", 1)[0] for r in relpaths if "/" in r}
+    index = {f: i for i, f in enumerate(sorted(folders))}
     return [index[r.split("/", 1)[0]] if "/" in r else 0 for r in relpaths]
 
 

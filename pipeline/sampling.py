@@ -221,7 +221,7 @@ def output_names(store: Store, config: Config, ids: np.ndarray | list[int]) -> t
         by_root.setdefault(root, []).append(rel)
     label_of = {}
     for root, rels in by_root.items():
-        for rel, label in zip(rels, labels_for(rels)):
+        for rel, label in zip(rels, labels_for(rels, store.top_folders(root))):
             label_of[(root, rel)] = label
     for i in ids:
         root, rel = paths[int(i)]

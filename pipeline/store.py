@@ -345,6 +345,10 @@ class Store:
         ).fetchone()
         return int(row[0]) if row else None
 
+    def has_vector(self, image_id: int, model_id: int) -> bool:
+        return self.conn.execute("SELECT 1 FROM embeddings WHERE image_id = ? AND model_id = ?",
+                                 (image_id, model_id)).fetchone() is not None
+
     def count_embeddings(self, model_id: int) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM embeddings WHERE model_id = ?", (model_id,)).fetchone()[0])
 
@@ -455,6 +459,14 @@ class Store:
             for r in self.conn.execute(f"SELECT id, root, relpath FROM images WHERE id IN ({marks})", chunk):
                 out[int(r[0])] = (r[1], r[2])
         return out
+
+    def top_folders(self, root: str) -> list[str]:
+        """Sorted top-level sub-folders of a root that hold (or held) images: lightly's label order."""
+        rows = self.conn.execute(
+            "SELECT DISTINCT substr(relpath, 1, instr(relpath, '/') - 1) FROM images WHERE root = ? AND instr(relpath, '/') > 0",
+            (root,),
+        )
+        return sorted(r[0] for r in rows)
 
     def ids_by_path(self, root: str) -> dict[str, int]:
         return {r[0]: int(r[1]) for r in self.conn.execute("SELECT relpath, id FROM images WHERE root = ?", (root,))}

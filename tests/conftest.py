@@ -56,7 +56,7 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
     return inp, shared
 
 
-FAST = ["lightly.pre_trained=false", "lightly.loader.batch_size=32", "lightly.loader.num_workers=2"]
+FAST = ["lightly.pre_trained=false", "lightly.loader.batch_size=32", "lightly.loader.num_workers=2", "lightly.collate.input_size=32"]
 
 
 def make_dataset(root: Path, n_ok: int = 180, seed: int = 0) -> dict:

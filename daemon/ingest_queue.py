@@ -1,0 +1,71 @@
+"""The ingest queue: paths waiting for the worker, de-duplicated, bounded, FIFO.
+
+A path enqueued twice before the worker takes it is processed once. `put` blocks while the queue is
+full (back-pressure on the watcher and the scans) until `timeout`, so memory stays bounded; a path
+that could not be queued is caught by the next reconcile scan.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Item:
+    root: str
+    relpath: str
+    kind: str = "file"  # file | deleted
+
+
+class IngestQueue:
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: OrderedDict[tuple[str, str], Item] = OrderedDict()
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+    def put(self, item: Item, timeout: float | None = None) -> bool:
+        key = (item.root, item.relpath)
+        with self._cond:
+            if key in self._items:
+                self._items[key] = item  # the latest event wins (a delete after a create, ...)
+                return True
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while len(self._items) >= self.maxsize and not self._closed:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            if self._closed:
+                return False
+            self._items[key] = item
+            self._cond.notify_all()
+            return True
+
+    def get_batch(self, max_items: int, max_wait: float, idle_timeout: float) -> list[Item]:
+        """Up to max_items: waits up to idle_timeout for the first, then at most max_wait for more."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._items or self._closed, idle_timeout):
+                return []
+            deadline = time.monotonic() + max_wait
+            while len(self._items) < max_items and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._cond.wait(remaining):
+                    break
+            batch = []
+            while self._items and len(batch) < max_items:
+                batch.append(self._items.popitem(last=False)[1])
+            self._cond.notify_all()
+            return batch
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()

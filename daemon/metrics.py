@@ -1,0 +1,106 @@
+"""Prometheus metrics and the /metrics + /healthz HTTP endpoint.
+
+All metrics live in a registry passed in (one per daemon, one per test). Names follow
+`poolwatch_<what>_<unit>`; label sets are bounded (reasons, triggers, outcomes, pools, roots).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+
+from poolwatch import __version__
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.discovered = Counter("poolwatch_images_discovered_total", "Image files handed to ingest (events and scans)", registry=r)
+        self.ingested = Counter("poolwatch_images_ingested_total", "Images checked and recorded, by verdict", ["status"], registry=r)
+        self.corrupt = Counter("poolwatch_images_corrupt_total", "Corrupt images, by reason", ["reason"], registry=r)
+        self.duplicate = Counter("poolwatch_images_duplicate_total", "Exact duplicates found", registry=r)
+        self.missing = Counter("poolwatch_images_missing_total", "Images whose file disappeared", registry=r)
+        self.queue_depth = Gauge("poolwatch_ingest_queue_depth", "Files waiting in the ingest queue", registry=r)
+        self.batch_seconds = Histogram("poolwatch_embedding_batch_duration_seconds", "Wall time of one ingest batch",
+                                       buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        self.batch_size = Histogram("poolwatch_embedding_batch_size", "Images per ingest batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self.efficiency = Gauge("poolwatch_compute_efficiency", "Model compute time / total batch time",
+                                ["window"], registry=r)
+        self.images_per_second = Gauge("poolwatch_images_per_second", "Ingest throughput (smoothed)", registry=r)
+        self.runs = Counter("poolwatch_sampling_runs_total", "Sampling runs, by trigger and outcome",
+                            ["trigger", "outcome"], registry=r)
+        self.run_seconds = Histogram("poolwatch_sampling_run_duration_seconds", "Duration of sampling runs",
+                                     buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800), registry=r)
+        self.last_candidates = Gauge("poolwatch_last_run_candidates", "Candidates of the last successful run", registry=r)
+        self.last_selected = Gauge("poolwatch_last_run_selected", "Images selected by the last successful run", registry=r)
+        self.last_success = Gauge("poolwatch_last_successful_run_timestamp_seconds", "When the last run succeeded", registry=r)
+        self.pool_size = Gauge("poolwatch_datapool_size", "Members of each datapool", ["pool"], registry=r)
+        self.model_info = Info("poolwatch_model", "The current embedding model", registry=r)
+        self.model_dim = Gauge("poolwatch_model_embedding_dimension", "Embedding size of the current model", registry=r)
+        self.reloads = Counter("poolwatch_config_reloads_total", "Configuration reloads (SIGHUP), by outcome", ["outcome"], registry=r)
+        self.outages = Counter("poolwatch_watcher_outages_total", "Input directories that went missing/unreadable", ["root"], registry=r)
+        self.outage_active = Gauge("poolwatch_watcher_outage", "1 while an input directory is missing/unreadable", ["root"], registry=r)
+        self.component_restarts = Counter("poolwatch_component_restarts_total", "Components restarted after a crash", ["component"], registry=r)
+        self.report_failures = Counter("poolwatch_report_failures_total", "Report generations that failed", registry=r)
+        self.build = Info("poolwatch_build", "poolwatch build information", registry=r)
+        self.build.info({"version": __version__})
+        for outcome in ("ok", "failed"):
+            self.reloads.labels(outcome)
+        self._ema_eff: float | None = None
+        self._ema_rate: float | None = None
+
+    def observe_batch(self, files: int, seconds: float, compute_seconds: float, alpha: float = 0.2) -> None:
+        eff = compute_seconds / seconds if seconds > 0 else 0.0
+        eff = min(max(eff, 0.0), 1.0)
+        rate = files / seconds if seconds > 0 else 0.0
+        self._ema_eff = eff if self._ema_eff is None else (1 - alpha) * self._ema_eff + alpha * eff
+        self._ema_rate = rate if self._ema_rate is None else (1 - alpha) * self._ema_rate + alpha * rate
+        self.efficiency.labels("last_batch").set(eff)
+        self.efficiency.labels("smoothed").set(self._ema_eff)
+        self.images_per_second.set(self._ema_rate)
+        self.batch_seconds.observe(seconds)
+        self.batch_size.observe(files)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        log.debug("http: " + format, *args)
+
+
+class MetricsServer:
+    """/metrics (Prometheus text format) and /healthz (200 healthy, 503 not) on a background thread."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int, healthy: Callable[[], tuple[bool, str]]) -> None:
+        self.metrics = metrics
+        self.healthy = healthy
+        metrics_app = make_wsgi_app(metrics.registry)
+
+        def app(environ: dict, start_response: Callable) -> list[bytes]:
+            if environ.get("PATH_INFO") == "/healthz":
+                ok, why = self.healthy()
+                start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [(why + "\n").encode()]
+            return metrics_app(environ, start_response)
+
+        self.server: WSGIServer = make_server(host, port, app, handler_class=_QuietHandler)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def start(self) -> None:
+        self.thread.start()
+        log.info("metrics on http://%s:%d/metrics (health: /healthz)", self.server.server_address[0], self.port)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)

@@ -1,0 +1,219 @@
+"""Filesystem watching: watchdog observers → complete files into the ingest queue.
+
+With inotify a file is complete when it is closed after writing (IN_CLOSE_WRITE) or renamed into the
+tree (the `cp tmp && mv` pattern); creation and modification events are ignored because a close
+follows. Where no close events exist (`watch.polling=true`, or the automatic fallback when inotify
+watches run out), a file is complete once its size and mtime have not changed for
+`watch.settle_seconds` (the `Settler`). Deletions become `deleted` items; the worker confirms the file
+is really gone before marking it missing.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from watchdog.events import (
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from poolwatch.pipeline.ingest import discover, is_ignored, is_image_name
+
+from .ingest_queue import IngestQueue, Item
+
+log = logging.getLogger(__name__)
+
+
+class Settler:
+    """Tracks files without close events; hands them on once size+mtime are stable for `settle_seconds`."""
+
+    def __init__(self, settle_seconds: float, on_stable: Callable[[str, str], None]) -> None:
+        self.settle_seconds = settle_seconds
+        self.on_stable = on_stable
+        self._tracked: dict[tuple[str, str], tuple[int, int, float]] = {}
+        self._lock = threading.Lock()
+
+    def touch(self, root: str, relpath: str) -> None:
+        with self._lock:
+            self._tracked.setdefault((root, relpath), (-1, -1, time.monotonic()))
+
+    def forget(self, root: str, relpath: str) -> None:
+        with self._lock:
+            self._tracked.pop((root, relpath), None)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        ready = []
+        with self._lock:
+            for key, (size, mtime, since) in list(self._tracked.items()):
+                try:
+                    st = os.stat(os.path.join(*key))
+                except OSError:
+                    del self._tracked[key]
+                    continue
+                if (st.st_size, st.st_mtime_ns) != (size, mtime):
+                    self._tracked[key] = (st.st_size, st.st_mtime_ns, now)
+                elif now - since >= self.settle_seconds:
+                    del self._tracked[key]
+                    ready.append(key)
+        for root, relpath in ready:
+            self.on_stable(root, relpath)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: Watcher, root: str) -> None:
+        self.watcher = watcher
+        self.root = root
+
+    def _rel(self, path: str | bytes) -> str | None:
+        path = os.fsdecode(path)
+        try:
+            rel = os.path.relpath(path, self.root)
+        except ValueError:
+            return None
+        if rel.startswith("..") or rel == ".":
+            return None
+        parts = rel.split(os.sep)
+        if any(is_ignored(p, self.watcher.ignore_patterns) for p in parts) or not is_image_name(parts[-1]):
+            return None
+        return "/".join(parts)
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            self._dispatch(event)
+        except Exception:  # noqa: BLE001 - one bad event must not kill the observer thread
+            log.exception("could not handle %r", event)
+
+    def _dispatch(self, event: FileSystemEvent) -> None:
+        w = self.watcher
+        if isinstance(event, DirMovedEvent):
+            # A folder moved into the tree brings its files with it, without events of their own.
+            dest = os.fsdecode(event.dest_path)
+            if os.path.commonpath([dest, self.root]) == self.root:
+                w.scan_subtree(self.root, dest)
+            return
+        if event.is_directory:
+            return
+        if isinstance(event, FileMovedEvent):
+            src, dest = self._rel(event.src_path), self._rel(event.dest_path)
+            if src:
+                w.deleted(self.root, src)
+            if dest:
+                w.complete(self.root, dest)
+        elif isinstance(event, FileClosedEvent):
+            rel = self._rel(event.src_path)
+            if rel:
+                w.complete(self.root, rel)
+        elif isinstance(event, (FileCreatedEvent, FileModifiedEvent)):
+            rel = self._rel(event.src_path)
+            if rel and w.polling:
+                w.settler.touch(self.root, rel)
+        elif isinstance(event, FileDeletedEvent):
+            rel = self._rel(event.src_path)
+            if rel:
+                w.deleted(self.root, rel)
+
+
+class Watcher:
+    """One observer over all input roots. start/stop/join; `tick()` drives settling."""
+
+    def __init__(self, roots: Sequence[Path], queue: IngestQueue, *, polling: bool, settle_seconds: float,
+                 ignore_patterns: Sequence[str], on_discovered: Callable[[int], None] = lambda n: None) -> None:
+        self.roots = [str(r) for r in roots]
+        self.queue = queue
+        self.polling = polling
+        self.ignore_patterns = list(ignore_patterns)
+        self.on_discovered = on_discovered
+        self.settler = Settler(settle_seconds, self.complete)
+        self.observer: BaseObserver | None = None
+        self.watched: set[str] = set()
+
+    def complete(self, root: str, relpath: str) -> None:
+        self.settler.forget(root, relpath)
+        if self.queue.put(Item(root, relpath), timeout=60):
+            self.on_discovered(1)
+        else:
+            log.warning("ingest queue full for 60 s; %s/%s is left to the next reconcile scan", root, relpath)
+
+    def deleted(self, root: str, relpath: str) -> None:
+        self.settler.forget(root, relpath)
+        self.queue.put(Item(root, relpath, "deleted"), timeout=60)
+
+    def scan_subtree(self, root: str, path: str) -> None:
+        base = Path(path)
+        for ref in discover(base, self.ignore_patterns):
+            rel = os.path.relpath(os.path.join(path, ref.relpath), root).replace(os.sep, "/")
+            self.complete(root, rel)
+
+    def start(self) -> None:
+        self.observer = self._make_observer(self.polling)
+        for root in self.roots:
+            self._schedule(root)
+        try:
+            self.observer.start()
+        except OSError as exc:
+            if self.polling or exc.errno not in (errno.ENOSPC, errno.EMFILE):
+                raise
+            log.warning("inotify is out of watches/instances (%s); falling back to polling (watch.polling=true)", exc)
+            self.polling = True
+            self.observer = self._make_observer(True)
+            self.watched.clear()
+            for root in self.roots:
+                self._schedule(root)
+            self.observer.start()
+        log.info("watching %s (%s)", ", ".join(self.roots), "polling" if self.polling else "inotify")
+
+    def _make_observer(self, polling: bool) -> BaseObserver:
+        return PollingObserver(timeout=1) if polling else Observer()
+
+    def _schedule(self, root: str) -> bool:
+        assert self.observer is not None
+        if not os.path.isdir(root):
+            return False
+        self.observer.schedule(_Handler(self, root), root, recursive=True)
+        self.watched.add(root)
+        return True
+
+    def rewatch(self, root: str) -> bool:
+        """Watch a root again after an outage (its old watch died with the directory)."""
+        if self.observer is None:
+            return False
+        for watch in list(self.observer.emitters):
+            if os.fsdecode(watch.watch.path) == root:
+                self.observer.unschedule(watch.watch)
+        self.watched.discard(root)
+        try:
+            return self._schedule(root)
+        except OSError as exc:
+            log.warning("cannot watch %s again yet: %s", root, exc)
+            return False
+
+    def tick(self) -> None:
+        if self.polling:
+            self.settler.tick()
+
+    def alive(self) -> bool:
+        return self.observer is not None and self.observer.is_alive()
+
+    def stop(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.observer is not None:
+            self.observer.join(timeout)

@@ -1,0 +1,128 @@
+"""The worker: the one consumer of the ingest queue and the one writer of image rows.
+
+Batches up to `lightly.loader.batch_size` items but waits at most `watch.max_batch_wait` for a batch
+to fill, so a trickle is embedded promptly and a burst fills whole batches. Decoding runs in a
+process pool; while the model embeds batch k, batch k+1 is already decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Executor, Future
+from pathlib import Path
+
+from poolwatch.pipeline.decode import Decoded, DecodeSettings, FileRef, read_and_decode
+from poolwatch.pipeline.embed import Embedder
+from poolwatch.pipeline.ingest import commit_batch
+from poolwatch.pipeline.store import Store
+
+from .ingest_queue import IngestQueue, Item
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Worker(threading.Thread):
+    def __init__(self, *, store_path: Path, busy_timeout: float, embedder: Embedder, model_id: int,
+                 queue: IngestQueue, settings: DecodeSettings, batch_size: int, max_batch_wait: float,
+                 remove_duplicates: bool, executor: Executor | None, metrics: Metrics,
+                 is_outage: callable = lambda root: False) -> None:
+        super().__init__(name="ingest-worker", daemon=True)
+        self.store_path, self.busy_timeout = store_path, busy_timeout
+        self.embedder, self.model_id = embedder, model_id
+        self.queue, self.settings = queue, settings
+        self.batch_size, self.max_batch_wait = batch_size, max_batch_wait
+        self.remove_duplicates = remove_duplicates
+        self.executor = executor
+        self.metrics = metrics
+        self.is_outage = is_outage
+        self._stop_event = threading.Event()
+        self.last_progress = time.monotonic()
+        self.busy = False
+        self.batches = 0
+        self.error: BaseException | None = None
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then stop."""
+        self._stop_event.set()
+
+    def run(self) -> None:
+        store = Store.open(self.store_path, self.busy_timeout)
+        pending: tuple[list[FileRef], list[Future[Decoded]] | list[Decoded]] | None = None
+        try:
+            while not self._stop_event.is_set():
+                items = self.queue.get_batch(self.batch_size, 0.0 if pending else self.max_batch_wait,
+                                             0.0 if pending else 0.5)
+                self.metrics.queue_depth.set(len(self.queue))
+                self.busy = bool(items or pending)
+                refs = self._prepare(store, items) if items else []
+                nxt = (refs, self._submit(refs)) if refs else None
+                if pending is not None:
+                    self._finish(store, *pending)
+                pending = nxt
+                self.last_progress = time.monotonic()
+            if pending is not None:
+                self._finish(store, *pending)
+        except BaseException as exc:
+            self.error = exc
+            log.exception("ingest worker failed")
+            raise
+        finally:
+            store.close()
+
+    def _prepare(self, store: Store, items: list[Item]) -> list[FileRef]:
+        """Deletions are applied at once; files whose identity is unchanged are skipped."""
+        refs: list[FileRef] = []
+        gone: dict[str, list[str]] = {}
+        for item in items:
+            path = os.path.join(item.root, item.relpath)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                if not self.is_outage(item.root) and os.path.isdir(item.root):
+                    gone.setdefault(item.root, []).append(item.relpath)
+                continue
+            except OSError:
+                st = None
+            if item.kind == "deleted" and st is not None:
+                pass  # deleted and re-created before we got here: treat as a file
+            if st is None:
+                refs.append(FileRef(item.root, item.relpath, -1, -1))
+                continue
+            row = store.image_by_path(item.root, item.relpath)
+            if row and row["size"] == st.st_size and row["mtime_ns"] == st.st_mtime_ns and row["status"] != "missing" \
+                    and (row["status"] != "ok" or store.has_vector(int(row["id"]), self.model_id)):
+                continue
+            refs.append(FileRef(item.root, item.relpath, st.st_size, st.st_mtime_ns))
+        if gone:
+            with store.transaction():
+                for root, rels in gone.items():
+                    n = store.mark_missing(root, rels)
+                    self.metrics.missing.inc(n)
+        return refs
+
+    def _submit(self, refs: list[FileRef]) -> list[Future[Decoded]] | list[Decoded]:
+        if self.executor is None:
+            return [read_and_decode(r, self.settings) for r in refs]
+        return [self.executor.submit(read_and_decode, r, self.settings) for r in refs]
+
+    def _finish(self, store: Store, refs: list[FileRef], decoding: list) -> None:
+        start = time.perf_counter()
+        decoded = [d.result() if isinstance(d, Future) else d for d in decoding]
+        result = commit_batch(store, self.embedder, self.model_id, decoded, self.remove_duplicates)
+        seconds = time.perf_counter() - start
+        self.batches += 1
+        self.metrics.observe_batch(len(decoded), seconds, result.compute_seconds)
+        m = self.metrics
+        m.ingested.labels("ok").inc(result.ok)
+        m.ingested.labels("corrupt").inc(result.corrupt)
+        m.ingested.labels("duplicate").inc(result.duplicate)
+        m.duplicate.inc(result.duplicate)
+        m.missing.inc(result.vanished)
+        for reason, n in result.corrupt_reasons.items():
+            m.corrupt.labels(reason).inc(n)
+        log.debug("batch of %d: %d ok, %d corrupt, %d duplicate in %.3fs (compute %.3fs)", len(decoded), result.ok,
+                  result.corrupt, result.duplicate, seconds, result.compute_seconds)
