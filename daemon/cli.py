@@ -21,6 +21,7 @@ from poolwatch.pipeline.export import ExportError
 from poolwatch.pipeline.store import Store, StoreError
 
 from . import runtime
+from .lock import LockedError, ShareLock, read_pid
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("sanity-check", parents=[common], help="check install, torch, model, store and dirs")
     p = sub.add_parser("sample", parents=[common], help="ingest the input dirs, then one sampling run")
     p.add_argument("--json", action="store_true", help="print the run's summary as JSON")
+    sub.add_parser("run", parents=[common], help="the always-on daemon: watch, ingest, sample on schedule/signal, metrics")
+    sub.add_parser("trigger", parents=[common], help="ask the running daemon for a sampling run (SIGUSR1)")
     p = sub.add_parser("config", parents=[common], help="print the resolved configuration (token masked)")
     p.add_argument("--reference", action="store_true", help="print every option as a markdown table instead")
     p = sub.add_parser("datapool", parents=[base], help="list, export, import or restore a datapool")
@@ -68,10 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.overrides, args.config)
         if config.sanity_check or args.command == "sanity-check":
             return sanity_check(config)
+        if args.command in ("ingest", "sample") or (args.command == "datapool" and args.action in ("import", "restore")):
+            with ShareLock(config.shared_path):
+                return COMMANDS[args.command](config, args)
         return COMMANDS[args.command](config, args)
     except (ConfigError, UsageError, SamplingError, ModelError, ExportError) as exc:
         print(f"poolwatch: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except LockedError as exc:
+        print(f"poolwatch: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except StoreError as exc:
         print(f"poolwatch: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -308,12 +317,35 @@ def cmd_config(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_run(config: Config, args: argparse.Namespace) -> int:
+    from .service import Service
+
+    return Service(config, list(args.overrides), args.config).run()
+
+
+def cmd_trigger(config: Config, args: argparse.Namespace) -> int:
+    import os
+    import signal
+
+    pid = read_pid(config.shared_path)
+    if pid is None:
+        raise UsageError(f"no running daemon: {config.shared_path / 'poolwatch.pid'} does not exist")
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except ProcessLookupError:
+        raise UsageError(f"no running daemon: pid {pid} (from {config.shared_path / 'poolwatch.pid'}) is gone") from None
+    print(f"sampling run requested from pid {pid}")
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "ingest": cmd_ingest,
     "status": cmd_status,
     "sample": cmd_sample,
     "datapool": cmd_datapool,
     "config": cmd_config,
+    "run": cmd_run,
+    "trigger": cmd_trigger,
 }
 
 if __name__ == "__main__":

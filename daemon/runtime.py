@@ -9,7 +9,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 
 from poolwatch.pipeline.config import Config
-from poolwatch.pipeline.decode import DecodeSettings
+from poolwatch.pipeline.decode import DecodeSettings, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,13 @@ def decode_executor(config: Config) -> Executor | None:
     workers = num_workers(config)
     if workers <= 0:
         return None
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["poolwatch.pipeline.decode"])
+    executor = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    # Start the workers now, not on the first file: a trickle's first image must not wait for them.
+    for future in [executor.submit(warm_up) for _ in range(workers)]:
+        future.result()
+    return executor
 
 
 def configure_torch_threads(config: Config) -> None:

@@ -69,3 +69,8 @@ def read_and_decode(ref: FileRef, settings: DecodeSettings) -> Decoded:
     )
     pixels = preprocess(image, settings.input_size) if image is not None else None
     return Decoded(ref, verdict, content_hash(data), pixels)
+
+
+def warm_up() -> int:
+    """A no-op a process pool can run to start its workers (and import this module) ahead of work."""
+    return os.getpid()
