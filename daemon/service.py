@@ -1,0 +1,343 @@
+"""The daemon's lifecycle (`poolwatch run`): start the components, tick, react to signals, stop.
+
+Signal handlers only record what arrived and wake the main loop (as uvicorn does); the loop acts:
+SIGUSR1 → one sampling run; SIGHUP → reload config.yaml + the original overrides; SIGTERM/SIGINT →
+stop intake, finish the current batch and sampling run within `graceful_timeout`, exit 0; a second
+SIGTERM/SIGINT exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from prometheus_client import CollectorRegistry
+
+from poolwatch.pipeline.config import Config, ConfigError, load_config
+from poolwatch.pipeline.ingest import InputDirError, activate_model, discover, plan
+from poolwatch.pipeline.store import Store
+
+from . import runtime
+from .ingest_queue import IngestQueue, Item
+from .lock import ShareLock
+from .metrics import Metrics, MetricsServer
+from .sampler import Sampler
+from .scheduler import Scheduler
+from .systemd import Notifier
+from .watcher import Watcher
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 0.25
+MAX_RESTARTS = 5  # per component within RESTART_WINDOW; beyond it the daemon exits non-zero
+RESTART_WINDOW = 600.0
+# Settings that need a new model or a new store; a reload keeps the running values and says so.
+FIXED_ON_RELOAD = ("shared_dir", "store", "metrics", "checkpoint", "device", "seed")
+
+
+class Service:
+    def __init__(self, config: Config, overrides: list[str], config_file: str | None,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.overrides = overrides
+        self.config_file = config_file
+        self.metrics = Metrics(registry)
+        self.notifier = Notifier()
+        self._wake = threading.Event()
+        self._signals: list[int] = []
+        self._stop_requested = False
+        self._restarts: dict[str, list[float]] = {}
+        self._outages: set[str] = set()
+        self._reconcile_thread: threading.Thread | None = None
+        self._next_reconcile = 0.0
+
+    # ---- signals: record only -----------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            if self._stop_requested:
+                os.write(2, b"poolwatch: second stop signal, exiting now\n")
+                os._exit(1)
+            self._stop_requested = True
+        self._signals.append(signum)
+        self._wake.set()
+
+    def _install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    # ---- start-up -----------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg = self.config
+        lock = ShareLock(cfg.shared_path)
+        lock.acquire()  # raises LockedError with the other pid
+        try:
+            self._install_signals()
+            return self._run(lock)
+        finally:
+            lock.release()
+            self.notifier.close()
+
+    def _run(self, lock: ShareLock) -> int:
+        cfg = self.config
+        log.info("poolwatch daemon starting (pid %d, shared_dir %s)", os.getpid(), cfg.shared_path)
+        runtime.configure_torch_threads(cfg)
+        self.embedder = runtime.load_embedder(cfg)
+        with Store.open(cfg.store_path, float(cfg.store.busy_timeout)) as store:
+            self.model_id = activate_model(store, self.embedder)
+            for pool, size in store.pools().items():
+                self.metrics.pool_size.labels(pool).set(size)
+        m = self.embedder.model
+        self.metrics.model_info.info({"source": m.source, "name": m.spec.name, "dim": str(m.spec.num_ftrs),
+                                      "input_size": str(m.spec.input_size), "weights": m.weights_hash[:12]})
+        self.metrics.model_dim.set(m.spec.num_ftrs)
+        self.executor = runtime.decode_executor(cfg)
+        self.queue = IngestQueue(cfg.watch.queue_size)
+        self.worker = self._make_worker()
+        self.sampler = Sampler(lambda: self.config, self.metrics)
+        self.watcher = self._make_watcher(cfg)
+        self.scheduler = Scheduler(self.request_sample)
+        self.server: MetricsServer | None = None
+        if cfg.metrics.enabled:
+            self.server = MetricsServer(self.metrics, cfg.metrics.host, cfg.metrics.port, self.health)
+            self.server.start()
+        self.worker.start()
+        self.sampler.start()
+        self.watcher.start()
+        self.scheduler.apply(cfg.schedule)
+        self.scheduler.start()
+        self._start_reconcile()
+        if cfg.schedule.on_startup:
+            self.request_sample("startup")
+        self.notifier.ready(f"watching {len(cfg.input_dir)} input dir(s)")
+        log.info("poolwatch daemon ready")
+        try:
+            return self._loop()
+        finally:
+            self._shutdown()
+
+    def _make_worker(self) -> Worker:
+        cfg = self.config
+        return Worker(store_path=cfg.store_path, busy_timeout=float(cfg.store.busy_timeout), embedder=self.embedder,
+                      model_id=self.model_id, queue=self.queue, settings=runtime.decode_settings(cfg),
+                      batch_size=cfg.batch_size, max_batch_wait=float(cfg.watch.max_batch_wait),
+                      remove_duplicates=cfg.remove_exact_duplicates, executor=self.executor, metrics=self.metrics,
+                      is_outage=lambda root: root in self._outages)
+
+    def _make_watcher(self, cfg: Config) -> Watcher:
+        return Watcher(cfg.input_paths, self.queue, polling=cfg.watch.polling,
+                       settle_seconds=float(cfg.watch.settle_seconds), ignore_patterns=cfg.watch.ignore_patterns,
+                       on_discovered=self.metrics.discovered.inc)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def _loop(self) -> int:
+        while True:
+            self._wake.wait(TICK_SECONDS)
+            self._wake.clear()
+            while self._signals:
+                sig = self._signals.pop(0)
+                if sig in (signal.SIGTERM, signal.SIGINT):
+                    log.info("received %s: stopping gracefully (send it again to exit at once)", signal.Signals(sig).name)
+                    return self._graceful_stop()
+                if sig == signal.SIGUSR1:
+                    log.info("received SIGUSR1: sampling run %s", self.request_sample("signal"))
+                elif sig == signal.SIGHUP:
+                    self.reload()
+            self.watcher.tick()
+            self._check_roots()
+            if time.monotonic() >= self._next_reconcile:
+                self._start_reconcile()
+            code = self._supervise()
+            if code is not None:
+                return code
+            self.metrics.queue_depth.set(len(self.queue))
+            self.notifier.watchdog_tick()
+
+    def request_sample(self, trigger: str) -> str:
+        return self.sampler.request(trigger)
+
+    def health(self) -> tuple[bool, str]:
+        parts = {
+            "worker": self.worker.is_alive(),
+            "sampler": self.sampler.is_alive(),
+            "watcher": self.watcher.alive(),
+            "scheduler": self.scheduler.alive(),
+        }
+        stalled = self.worker.busy and time.monotonic() - self.worker.last_progress > 300
+        ok = all(parts.values()) and not stalled
+        why = ", ".join(f"{k} {'alive' if v else 'DEAD'}" for k, v in parts.items())
+        if stalled:
+            why += ", worker STALLED"
+        return ok, ("ok: " if ok else "unhealthy: ") + why
+
+    # ---- supervision --------------------------------------------------------------------------
+    def _supervise(self) -> int | None:
+        """Restart a component that died, with backoff; too many restarts → exit non-zero."""
+        for name, alive, restart in (
+            ("worker", self.worker.is_alive(), self._restart_worker),
+            ("sampler", self.sampler.is_alive(), self._restart_sampler),
+            ("watcher", self.watcher.alive(), self._restart_watcher),
+        ):
+            if alive:
+                continue
+            now = time.monotonic()
+            recent = [t for t in self._restarts.get(name, []) if now - t < RESTART_WINDOW]
+            if len(recent) >= MAX_RESTARTS:
+                log.critical("%s died %d times in %.0f s; exiting so the supervisor restarts poolwatch",
+                             name, len(recent), RESTART_WINDOW)
+                return 1
+            if recent and now - recent[-1] < 2 ** len(recent):
+                continue  # back off
+            recent.append(now)
+            self._restarts[name] = recent
+            self.metrics.component_restarts.labels(name).inc()
+            log.error("%s stopped unexpectedly; restarting it (%d in the last %.0f s)", name, len(recent), RESTART_WINDOW)
+            restart()
+        return None
+
+    def _restart_worker(self) -> None:
+        self.worker = self._make_worker()
+        self.worker.start()
+        self._start_reconcile()  # whatever the dead worker held is found again
+
+    def _restart_sampler(self) -> None:
+        self.sampler = Sampler(lambda: self.config, self.metrics)
+        self.sampler.start()
+
+    def _restart_watcher(self) -> None:
+        self.watcher.stop()
+        self.watcher = self._make_watcher(self.config)
+        self.watcher.start()
+        self._start_reconcile()
+
+    # ---- input roots: outages and reconcile scans ---------------------------------------------
+    def _check_roots(self) -> None:
+        for root in map(str, self.config.input_paths):
+            up = os.path.isdir(root) and os.access(root, os.R_OK | os.X_OK)
+            if not up and root not in self._outages:
+                self._outages.add(root)
+                self.metrics.outages.labels(root).inc()
+                self.metrics.outage_active.labels(root).set(1)
+                log.error("input directory %s is missing or unreadable: outage (its images keep their state)", root)
+            elif up and root in self._outages:
+                self._outages.discard(root)
+                self.metrics.outage_active.labels(root).set(0)
+                log.info("input directory %s is back; watching it again and rescanning", root)
+                self.watcher.rewatch(root)
+                self._start_reconcile(force=True)
+
+    def _start_reconcile(self, force: bool = False) -> None:
+        interval = float(self.config.watch.rescan_interval)
+        self._next_reconcile = time.monotonic() + (interval if interval > 0 else float("inf"))
+        if self._reconcile_thread is not None and self._reconcile_thread.is_alive():
+            if force:
+                self._next_reconcile = time.monotonic() + 1.0  # try again once the running scan ends
+            return
+        self._reconcile_thread = threading.Thread(target=self._reconcile, name="reconcile", daemon=True)
+        self._reconcile_thread.start()
+
+    def _reconcile(self) -> None:
+        """Queue every file that needs work and every vanished file; unchanged files are not read."""
+        cfg = self.config
+        start = time.monotonic()
+        queued = gone_total = 0
+        try:
+            with Store.open(cfg.store_path, float(cfg.store.busy_timeout)) as store:
+                for root in cfg.input_paths:
+                    if self._stop_requested:
+                        return
+                    if str(root) in self._outages:
+                        continue
+                    try:
+                        found = list(discover(root, cfg.watch.ignore_patterns))
+                    except InputDirError as exc:
+                        log.warning("reconcile skipped %s: %s", root, exc.strerror)
+                        continue
+                    todo, gone = plan(store, root, found, self.model_id)
+                    for ref in todo:
+                        if self._stop_requested or not self.queue.put(Item(ref.root, ref.relpath), timeout=60):
+                            return
+                        queued += 1
+                    for rel in gone:
+                        self.queue.put(Item(str(root), rel, "deleted"), timeout=60)
+                    gone_total += len(gone)
+            self.metrics.discovered.inc(queued)
+        except Exception:  # noqa: BLE001 - a failed scan is retried at the next interval
+            log.exception("reconcile scan failed")
+            return
+        log.info("reconcile scan: %d files queued, %d gone, in %.1fs", queued, gone_total, time.monotonic() - start)
+
+    # ---- reload -------------------------------------------------------------------------------
+    def reload(self) -> None:
+        try:
+            new = load_config(self.overrides, self.config_file)
+        except ConfigError as exc:
+            self.metrics.reloads.labels("failed").inc()
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        old = self.config
+        kept = [k for k in FIXED_ON_RELOAD if getattr(new, k) != getattr(old, k)]
+        model_keys = ("model", "collate", "pre_trained")
+        lightly = dict(new.lightly)
+        if any(new.lightly.get(k) != old.lightly.get(k) for k in model_keys):
+            kept.append("lightly.model/collate/pre_trained")
+            for k in model_keys:
+                lightly[k] = old.lightly[k]
+        new = new.model_copy(update={**{k: getattr(old, k) for k in FIXED_ON_RELOAD}, "lightly": lightly})
+        if kept:
+            log.warning("reload: %s cannot change while running (new model or store); restart poolwatch to apply",
+                        ", ".join(kept))
+        self.config = new
+        if new.input_dir != old.input_dir or new.watch != old.watch:
+            log.info("reload: restarting the watcher for the new input dirs / watch settings")
+            self.watcher.stop()
+            self.watcher.join(5)
+            self._outages.clear()
+            self.watcher = self._make_watcher(new)
+            self.watcher.start()
+            self._start_reconcile(force=True)
+        self.worker.batch_size = new.batch_size
+        self.worker.max_batch_wait = float(new.watch.max_batch_wait)
+        self.worker.remove_duplicates = new.remove_exact_duplicates
+        self.worker.settings = runtime.decode_settings(new)
+        if new.schedule != old.schedule:
+            self.scheduler.apply(new.schedule)
+        self.metrics.reloads.labels("ok").inc()
+        self.notifier.notify("RELOADING=0", "STATUS=configuration reloaded")
+        log.info("configuration reloaded (method %s, n_samples %s, min_distance %s, schedule %s)", new.method,
+                 new.stopping_condition.n_samples, new.stopping_condition.min_distance, self.scheduler.description)
+
+    # ---- stopping -----------------------------------------------------------------------------
+    def _graceful_stop(self) -> int:
+        self.notifier.stopping()
+        deadline = time.monotonic() + float(self.config.graceful_timeout)
+        self.scheduler.stop()
+        self.watcher.stop()
+        self.queue.close()
+        self.worker.stop()
+        self.sampler.stop()
+        for thread in (self.worker, self.sampler):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if self.worker.is_alive() or self.sampler.is_alive():
+            log.error("graceful_timeout (%ss) passed with work unfinished; exiting anyway", self.config.graceful_timeout)
+            return 1
+        log.info("stopped gracefully")
+        return 0
+
+    def _shutdown(self) -> None:
+        for stop in (self.scheduler.stop, self.watcher.stop, self.queue.close, self.worker.stop, self.sampler.stop):
+            try:
+                stop()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                log.debug("while shutting down", exc_info=True)
+        self.watcher.join(5)
+        if self.server is not None:
+            self.server.stop()
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+        log.info("poolwatch daemon stopped")
