@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("sanity-check", parents=[common], help="check install, torch, model, store and dirs")
     p = sub.add_parser("sample", parents=[common], help="ingest the input dirs, then one sampling run")
     p.add_argument("--json", action="store_true", help="print the run's summary as JSON")
+    p = sub.add_parser("report", parents=[base], help="(re)build the report of a run: its id, folder name or `latest`")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
     sub.add_parser("run", parents=[common], help="the always-on daemon: watch, ingest, sample on schedule/signal, metrics")
     sub.add_parser("trigger", parents=[common], help="ask the running daemon for a sampling run (SIGUSR1)")
     p = sub.add_parser("config", parents=[common], help="print the resolved configuration (token masked)")
@@ -93,6 +97,27 @@ def open_store(config: Config) -> Store:
 
 
 def cmd_ingest(config: Config, args: argparse.Namespace) -> int:
+    summary = ingest_once(config)
+    rate = summary.processed / summary.seconds if summary.seconds > 0 else 0.0
+    data = {
+        "discovered": summary.discovered, "processed": summary.processed, "ok": summary.ok,
+        "corrupt": summary.corrupt, "duplicate": summary.duplicate, "missing": summary.missing,
+        "forward_passes": summary.forward_passes, "seconds": round(summary.seconds, 3),
+        "images_per_second": round(rate, 2), "compute_efficiency": round(summary.compute_efficiency, 4),
+        "outages": summary.outages,
+    }
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(f"ingested {summary.processed} of {summary.discovered} files in {summary.seconds:.1f}s "
+              f"({rate:.1f} img/s): {summary.ok} ok, {summary.corrupt} corrupt, {summary.duplicate} duplicate, "
+              f"{summary.missing} newly missing; {summary.forward_passes} forward passes, "
+              f"compute efficiency {summary.compute_efficiency:.2f}")
+    return EXIT_FAILED if summary.outages and summary.discovered == 0 else EXIT_OK
+
+
+def ingest_once(config: Config):  # -> PassSummary
+    """One ingest pass with a progress bar on a terminal; outages are logged."""
     from tqdm import tqdm
 
     from poolwatch.pipeline.ingest import activate_model, ingest_pass
@@ -126,22 +151,7 @@ def cmd_ingest(config: Config, args: argparse.Namespace) -> int:
         store.close()
     for outage in summary.outages:
         log.error("input directory outage: %s (its images keep their state)", outage)
-    rate = summary.processed / summary.seconds if summary.seconds > 0 else 0.0
-    data = {
-        "discovered": summary.discovered, "processed": summary.processed, "ok": summary.ok,
-        "corrupt": summary.corrupt, "duplicate": summary.duplicate, "missing": summary.missing,
-        "forward_passes": summary.forward_passes, "seconds": round(summary.seconds, 3),
-        "images_per_second": round(rate, 2), "compute_efficiency": round(summary.compute_efficiency, 4),
-        "outages": summary.outages,
-    }
-    if args.json:
-        print(json.dumps(data))
-    else:
-        print(f"ingested {summary.processed} of {summary.discovered} files in {summary.seconds:.1f}s "
-              f"({rate:.1f} img/s): {summary.ok} ok, {summary.corrupt} corrupt, {summary.duplicate} duplicate, "
-              f"{summary.missing} newly missing; {summary.forward_passes} forward passes, "
-              f"compute efficiency {summary.compute_efficiency:.2f}")
-    return EXIT_FAILED if summary.outages and summary.discovered == 0 else EXIT_OK
+    return summary
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
@@ -237,22 +247,25 @@ def cmd_sample(config: Config, args: argparse.Namespace) -> int:
 
     validate_sampling(config)
     model_id = preselected = None
+    extra: dict = {}
     if config.embeddings:
         if config.enable_training:
             raise UsageError("enable_training: cannot train when embeddings= is given (there are no images)")
         with open_store(config) as store:
             model_id, preselected = import_embeddings(store, config.resolve_shared(config.embeddings))
     else:
-        ingest_args = argparse.Namespace(json=False)
-        code = cmd_ingest(config, ingest_args)
-        if code != EXIT_OK:
-            return code
+        summary = ingest_once(config)
+        if summary.outages and summary.discovered == 0:
+            return EXIT_FAILED
+        extra = {"compute_efficiency": round(summary.compute_efficiency, 4) if summary.processed else None,
+                 "ingest": {"processed": summary.processed, "seconds": round(summary.seconds, 3)}}
     with open_store(config) as store:
         for line in recover(store, config.shared_path):
             log.warning("recovery: %s", line)
         log.info("sampling run (%s, pool %s) started", config.method, config.datapool.name or "none")
-        result = sample_run(store, config, trigger="cli", model_id=model_id, preselected=preselected)
+        result = sample_run(store, config, trigger="cli", model_id=model_id, preselected=preselected, extra_stats=extra)
         row = summarize_run(store.run(result.run_id) or {})
+        write_report(store, result.run_id)
     log.info("sampling run %d finished: %d of %d candidates selected (%s), pool %d -> %d, outputs in %s",
              result.run_id, result.n_selected, result.n_candidates, result.stop_reason, result.pool_before,
              result.pool_after, result.output_dir)
@@ -262,6 +275,48 @@ def cmd_sample(config: Config, args: argparse.Namespace) -> int:
         print(f"run {result.run_id}: selected {result.n_selected} of {result.n_candidates} candidates "
               f"({result.stop_reason}); pool {result.pool_before} -> {result.pool_after}; {result.output_dir}")
     return EXIT_OK
+
+
+def write_report(store: Store, run_id: int) -> bool:
+    """Build a run's report; a failure is logged and never fails the run itself."""
+    from poolwatch.pipeline.report import build_report
+
+    try:
+        data = build_report(store, run_id)
+    except Exception:  # noqa: BLE001 - the run is committed; its report is a by-product
+        log.exception("the report of run %d failed (the run itself is fine; retry with `poolwatch report %d`)", run_id, run_id)
+        return False
+    log.info("report of run %d: %s/report.pdf (%d pages)", run_id, data["run"]["output_dir"], data.get("pdf_pages", 0))
+    return True
+
+
+def cmd_report(config: Config, args: argparse.Namespace) -> int:
+    from poolwatch.pipeline.report import ReportError, build_report
+
+    with open_store(config) as store:
+        run_id = resolve_run(store, config, args.run)
+        try:
+            data = build_report(store, run_id)
+        except ReportError as exc:
+            raise UsageError(f"report: {exc}") from None
+    print(f"{data['run']['output_dir']}/report.pdf ({data['pdf_pages']} pages)")
+    return EXIT_OK
+
+
+def resolve_run(store: Store, config: Config, ref: str) -> int:
+    """A run given as its id, its folder name, a folder path, or `latest`."""
+    from pathlib import Path
+
+    if ref.isdigit():
+        return int(ref)
+    name = Path(ref).name
+    if name == "latest":
+        target = config.shared_path / "runs" / "latest"
+        name = Path(os.readlink(target)).name if target.is_symlink() else ""
+    for row in store.runs(limit=1_000_000):
+        if row["output_dir"] and Path(row["output_dir"]).name == name:
+            return int(row["id"])
+    raise UsageError(f"report: no run {ref!r} (give a run id, a folder name under {config.shared_path / 'runs'}, or latest)")
 
 
 def cmd_datapool(config: Config, args: argparse.Namespace) -> int:
@@ -345,6 +400,7 @@ COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "datapool": cmd_datapool,
     "config": cmd_config,
     "run": cmd_run,
+    "report": cmd_report,
     "trigger": cmd_trigger,
 }
 

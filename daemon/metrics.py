@@ -56,6 +56,9 @@ class Metrics:
         self._ema_eff: float | None = None
         self._ema_rate: float | None = None
 
+    def smoothed_efficiency(self) -> float | None:
+        return None if self._ema_eff is None else round(self._ema_eff, 4)
+
     def observe_batch(self, files: int, seconds: float, compute_seconds: float, alpha: float = 0.2) -> None:
         eff = compute_seconds / seconds if seconds > 0 else 0.0
         eff = min(max(eff, 0.0), 1.0)

@@ -74,6 +74,17 @@ class Sampler(threading.Thread):
                         self.running = False
                         self._cond.notify_all()
 
+    def _report(self, store: Store, run_id: int) -> None:
+        """A failed report is logged and counted; it never fails or rolls back the run."""
+        from poolwatch.pipeline.report import build_report
+
+        try:
+            build_report(store, run_id)
+        except Exception:  # noqa: BLE001
+            self.metrics.report_failures.inc()
+            log.exception("the report of run %d failed (the run itself is fine; retry with `poolwatch report %d`)",
+                          run_id, run_id)
+
     def _run_once(self, store: Store, trigger: str) -> None:
         config = self.config_source()
         start = time.perf_counter()
@@ -81,7 +92,8 @@ class Sampler(threading.Thread):
                  config.datapool.name or "none")
         try:
             validate_sampling(config)
-            result = sample_run(store, config, trigger=trigger)
+            result = sample_run(store, config, trigger=trigger,
+                                extra_stats={"compute_efficiency": self.metrics.smoothed_efficiency()})
         except SamplingError as exc:
             self.metrics.runs.labels(trigger, "failed").inc()
             self.last_error = str(exc)
@@ -102,6 +114,7 @@ class Sampler(threading.Thread):
         m.last_success.set(time.time())
         for pool, size in store.pools().items():
             m.pool_size.labels(pool).set(size)
+        self._report(store, result.run_id)
         log.info("sampling run %d finished in %.1fs: %d of %d candidates selected (%s), pool %d -> %d, outputs in %s",
                  result.run_id, result.seconds, result.n_selected, result.n_candidates, result.stop_reason,
                  result.pool_before, result.pool_after, result.output_dir)

@@ -136,7 +136,8 @@ def import_embeddings(store: Store, path: Path) -> tuple[int, list[int]]:
 
 
 def sample_run(store: Store, config: Config, *, trigger: str, now: datetime | None = None,
-               model_id: int | None = None, preselected: list[int] | None = None) -> RunResult:
+               model_id: int | None = None, preselected: list[int] | None = None,
+               extra_stats: dict[str, Any] | None = None) -> RunResult:
     """Perform one sampling run (see the module docstring). Raises SamplingError for usage errors."""
     validate_sampling(config)
     started = time.perf_counter()
@@ -190,7 +191,7 @@ def sample_run(store: Store, config: Config, *, trigger: str, now: datetime | No
             (int(image_id), True, rank, None if not np.isfinite(dist) else float(dist))
             for rank, (image_id, dist) in enumerate(zip(picked, selection.distances))
         ] + [(image_id, False, None, None) for image_id in removed]
-        stats = {"stages": stages, "pool_before": len(pool_ids), "preselected": len(preselected or []),
+        stats = {**(extra_stats or {}), "stages": stages, "pool_before": len(pool_ids), "preselected": len(preselected or []),
                  "normalized": config.normalize_embeddings, "dim": int(cand.shape[1]) if cand.ndim == 2 else 0}
         store.finish_run(run_id, n_candidates=len(cand_ids_arr), n_selected=len(picked), stop_reason=selection.stop_reason,
                          output_dir=str(runs_dir / name), stats=stats, decisions=decisions, pool=pool,

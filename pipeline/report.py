@@ -1,0 +1,401 @@
+"""The report of a sampling run: report.pdf, report.json (every number the PDF shows) and plots/*.png.
+
+Built from the run folder (its CSVs hold the vectors exactly as the run used them) and the store (the
+run's row and decisions), so `poolwatch report RUN` can rebuild it at any time. Memory: pairwise
+distance statistics use at most `memory_requirement_in_GB`; beyond it they are computed on a seeded
+random subsample, and the report says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import textwrap
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .export import Naming, read_embeddings_csv
+from .store import Store
+
+MATRIX_OVERHEAD = 3  # the distance matrix, its condensed copy and temporaries, in float32 matrices
+PAGE = (8.27, 11.69)  # A4 portrait, inches
+
+
+class ReportError(RuntimeError):
+    """The report cannot be built (run unknown, run folder gone, ...)."""
+
+
+@dataclass
+class DistanceStats:
+    points: int  # points the statistics cover
+    of_points: int  # points there were
+    subsampled: bool
+    distances: np.ndarray  # condensed pairwise distances (for the histogram)
+
+    def summary(self) -> dict[str, Any]:
+        d = self.distances
+        out: dict[str, Any] = {"points": self.points, "of_points": self.of_points, "subsampled": self.subsampled,
+                               "count": int(d.size)}
+        if d.size:
+            out.update(mean=float(d.mean()), min=float(d.min()), max=float(d.max()),
+                       p10=float(np.percentile(d, 10)), p90=float(np.percentile(d, 90)))
+        else:
+            out.update(mean=None, min=None, max=None, p10=None, p90=None)
+        return out
+
+
+def max_points(memory_gb: float) -> int:
+    """Largest n whose n×n float32 distance work fits in the memory budget."""
+    return max(2, int(math.sqrt(memory_gb * 1024**3 / (4 * MATRIX_OVERHEAD))))
+
+
+def pairwise_stats(vectors: np.ndarray, memory_gb: float, seed: int) -> DistanceStats:
+    n = len(vectors)
+    limit = max_points(memory_gb)
+    subsampled = n > limit
+    if subsampled:
+        idx = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+        vectors = vectors[idx]
+    x = vectors.astype(np.float32, copy=False)
+    if len(x) < 2:
+        return DistanceStats(len(x), n, subsampled, np.zeros(0, np.float32))
+    sq = np.einsum("ij,ij->i", x, x)
+    d2 = sq[:, None] + sq[None, :] - 2 * (x @ x.T)
+    np.maximum(d2, 0, out=d2)
+    iu = np.triu_indices(len(x), 1)
+    condensed = np.sqrt(d2[iu])
+    del d2
+    return DistanceStats(len(x), n, subsampled, condensed)
+
+
+def nearest(queries: np.ndarray, refs: np.ndarray, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """For each query its nearest ref (index, distance), in blocks (never a full Q×R matrix)."""
+    idx = np.zeros(len(queries), np.int64)
+    dist = np.full(len(queries), np.inf, np.float32)
+    if len(refs) == 0:
+        return idx, dist
+    rsq = np.einsum("ij,ij->i", refs, refs)
+    for s in range(0, len(queries), block):
+        q = queries[s:s + block]
+        d2 = np.einsum("ij,ij->i", q, q)[:, None] + rsq[None, :] - 2 * (q @ refs.T)
+        j = d2.argmin(axis=1)
+        idx[s:s + block] = j
+        dist[s:s + block] = np.sqrt(np.maximum(d2[np.arange(len(q)), j], 0))
+    return idx, dist
+
+
+def pca_2d(vectors: np.ndarray) -> np.ndarray:
+    if len(vectors) < 2:
+        return np.zeros((len(vectors), 2), np.float32)
+    centered = vectors - vectors.mean(axis=0)
+    _, _, vt = np.linalg.svd(centered, full_matrices=False)
+    comps = vt[:2] if vt.shape[0] >= 2 else np.vstack([vt, np.zeros_like(vt)])
+    return centered @ comps.T
+
+
+def _load_csv(path: Path) -> tuple[list[str], np.ndarray]:
+    if not path.exists():
+        return [], np.zeros((0, 0), np.float32)
+    data = read_embeddings_csv(path)
+    return data.filenames, data.vectors
+
+
+def build_report(store: Store, run_id: int, *, memory_gb: float | None = None, n_examples: int | None = None,
+                 seed: int = 0, roots: list[str] | None = None) -> dict[str, Any]:
+    """Write report.pdf, report.json and plots/ into the run's folder; returns the JSON data."""
+    run = store.run(run_id)
+    if run is None:
+        raise ReportError(f"no run {run_id} in the store")
+    if run["status"] != "ok" or not run["output_dir"] or not Path(run["output_dir"]).is_dir():
+        raise ReportError(f"run {run_id} has no output folder (status {run['status']})")
+    out = Path(run["output_dir"])
+    config = json.loads(run["config"])
+    stats = json.loads(run["stats"] or "{}")
+    memory_gb = float(memory_gb if memory_gb is not None else config.get("memory_requirement_in_GB", 2))
+    n_examples = int(n_examples if n_examples is not None else config.get("n_example_images", 6))
+    roots = roots if roots is not None else config.get("input_dir", [])
+    roots = [str(Path(r).expanduser().resolve()) for r in roots]
+
+    cand_names, cand = _load_csv(out / "data" / "embeddings.csv")
+    sel_names, sel = _load_csv(out / "data" / "selected_embeddings.csv")
+    incl_names, incl = _load_csv(out / "data" / "selected_embeddings_including_datapool.csv")
+    if not incl_names:
+        incl_names, incl = sel_names, sel
+    sel_set = set(sel_names)
+    pool_mask = np.array([n not in sel_set for n in incl_names], bool)
+    removed_mask = np.array([n not in sel_set for n in cand_names], bool)
+    corrupt = json.loads((out / "filenames" / "corrupt_filenames.json").read_text(encoding="utf-8"))
+    duplicates = json.loads((out / "filenames" / "duplicate_filenames.json").read_text(encoding="utf-8"))
+    model = store.model(run["model_id"]) if run["model_id"] else None
+    decisions = [d for d in store.decisions(run_id) if d["selected"]]
+
+    before = pairwise_stats(cand, memory_gb, seed)
+    after = pairwise_stats(incl, memory_gb, seed + 1)
+    removed_vecs = cand[removed_mask] if len(cand) else cand
+    removed_names = [n for n, r in zip(cand_names, removed_mask) if r]
+    nn_idx, nn_dist = nearest(removed_vecs, incl) if len(removed_vecs) and len(incl) else (np.zeros(0, int), np.zeros(0))
+    order = np.argsort(nn_dist, kind="stable")[: n_examples // 2]
+    pairs = [{"removed": removed_names[i], "retained": incl_names[int(nn_idx[i])], "distance": float(nn_dist[i])}
+             for i in order]
+    farthest = [{"retained": sel_names[i], "rank": i, "distance_at_pick": decisions[i]["distance"] if i < len(decisions) else None}
+                for i in range(min(n_examples // 2, len(sel_names)))]
+
+    min_distance = config.get("stopping_condition", {}).get("min_distance", -1)
+    started, finished = run["started"], run["finished"]
+    data: dict[str, Any] = {
+        "run": {"id": run_id, "trigger": run["trigger"], "method": run["method"], "pool": run["pool"],
+                "started": _iso(started), "finished": _iso(finished),
+                "duration_seconds": (finished - started) if finished else None, "stop_reason": run["stop_reason"],
+                "output_dir": str(out)},
+        "stages_seconds": {**({"ingest": stats["ingest"]["seconds"]} if "ingest" in stats else {}), **stats.get("stages", {})},
+        "images": {"seen": sum(store.counts_by_status().values()), "by_status": store.counts_by_status(),
+                   "corrupt_by_reason": _count_reasons(corrupt), "duplicates": len(duplicates)},
+        "candidates": run["n_candidates"], "selected": run["n_selected"],
+        "pool_before": int(pool_mask.sum()), "pool_after": len(incl_names) if run["pool"] else None,
+        "preselected": stats.get("preselected", 0),
+        "model": None if model is None else {"source": model.source, "detail": model.detail, "dim": model.dim,
+                                             "input_size": model.input_size, "arch": model.arch,
+                                             "random_init": model.source == "random"},
+        "compute_efficiency": stats.get("compute_efficiency"),
+        "normalized": stats.get("normalized"),
+        "min_distance": None if min_distance in (-1, None) else float(min_distance),
+        "distances_before": before.summary(),
+        "distances_after": after.summary(),
+        "memory_requirement_in_GB": memory_gb,
+        "examples": {"closest_removed": pairs, "farthest_retained": farthest},
+        "corrupt_files": [{"file": k, **v} for k, v in corrupt.items()],
+        "duplicate_groups": _groups(duplicates),
+        "config": config,
+    }
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    _render(data, before, after, cand, incl, removed_mask, pool_mask, cand_names, incl_names, sel_set, out,
+            Naming.for_roots(roots), roots)
+    tmp = out / f".report-{os.getpid()}.json"
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+    os.replace(tmp, out / "report.json")
+    return data
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts).isoformat(timespec="seconds") if ts else None
+
+
+def _count_reasons(corrupt: dict[str, dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for v in corrupt.values():
+        counts[v.get("reason") or "unknown"] = counts.get(v.get("reason") or "unknown", 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _groups(duplicates: dict[str, str]) -> dict[str, Any]:
+    groups: dict[str, list[str]] = {}
+    for dup, original in duplicates.items():
+        groups.setdefault(original, []).append(dup)
+    first = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:10]
+    return {"count": len(groups), "first": [{"original": o, "duplicates": sorted(d)} for o, d in first]}
+
+
+# ---- rendering -----------------------------------------------------------------------------------
+def _render(data: dict[str, Any], before: DistanceStats, after: DistanceStats, cand: np.ndarray, incl: np.ndarray,
+            removed_mask: np.ndarray, pool_mask: np.ndarray, cand_names: list[str], incl_names: list[str],
+            sel_set: set[str], out: Path, naming: Naming, roots: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    figs = {
+        "distance_distr_before": _histogram(plt, before, data["min_distance"], "Pairwise distances of the candidates (before)"),
+        "distance_distr_after": _histogram(plt, after, data["min_distance"], "Pairwise distances of pool ∪ selected (after)"),
+        "embedding_scatter": _scatter(plt, cand, incl, removed_mask, pool_mask),
+    }
+    for name, fig in figs.items():
+        fig.savefig(out / "plots" / f"{name}.png", dpi=110)
+    examples = _examples(plt, data, naming, roots)
+    if examples is not None:
+        examples.savefig(out / "plots" / "examples.png", dpi=110)
+    pages = [_summary_page(plt, data), figs["distance_distr_before"], figs["distance_distr_after"],
+             figs["embedding_scatter"]]
+    if examples is not None:
+        pages.append(examples)
+    pages.append(_tables_page(plt, data))
+    tmp = out / f".report-{os.getpid()}.pdf"
+    with PdfPages(tmp) as pdf:
+        for fig in pages:
+            pdf.savefig(fig)
+        info = pdf.infodict()
+        info["Title"] = f"poolwatch sampling run {data['run']['id']}"
+        info["Creator"] = "poolwatch"
+    os.replace(tmp, out / "report.pdf")
+    data["pdf_pages"] = len(pages)
+    for fig in pages:
+        plt.close(fig)
+
+
+def _text_page(plt: Any, title: str, lines: list[str], size: float = 9.0) -> Any:
+    fig = plt.figure(figsize=PAGE)
+    fig.text(0.07, 0.95, title, fontsize=15, weight="bold", va="top")
+    fig.text(0.07, 0.91, "\n".join(lines), fontsize=size, va="top", family="monospace")
+    return fig
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _summary_page(plt: Any, data: dict[str, Any]) -> Any:
+    r, img, m = data["run"], data["images"], data["model"]
+    lines = [
+        f"run {r['id']}  trigger {r['trigger']}  method {r['method']}  pool {r['pool'] or '(none: standalone)'}",
+        f"started {r['started']}   finished {r['finished']}   duration {_fmt(r['duration_seconds'])} s",
+        "stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in data["stages_seconds"].items()),
+        "",
+        f"images seen        {img['seen']}   ({', '.join(f'{k} {v}' for k, v in img['by_status'].items())})",
+        f"corrupt by reason  {', '.join(f'{k} {v}' for k, v in img['corrupt_by_reason'].items()) or 'none'}",
+        f"exact duplicates   {img['duplicates']}",
+        f"candidates         {data['candidates']}",
+        f"selected           {data['selected']}   (stopped by {r['stop_reason']})",
+        f"pool before/after  {data['pool_before']} -> {data['pool_after'] if data['pool_after'] is not None else '-'}",
+        f"compute efficiency {_fmt(data['compute_efficiency'], 3)}",
+        "",
+    ]
+    if m:
+        lines.append(f"model              {m['arch'].get('name')} d{m['dim']} @{m['input_size']}px, source {m['source']}")
+        lines.append(f"                   {textwrap.shorten(str(m['detail']), 70)}")
+    for key, label in (("distances_before", "before"), ("distances_after", "after")):
+        s = data[key]
+        lines.append(f"L2 distances {label:<6} n={s['count']} mean={_fmt(s['mean'])} min={_fmt(s['min'])} "
+                     f"max={_fmt(s['max'])} p10={_fmt(s['p10'])} p90={_fmt(s['p90'])}")
+        if s["subsampled"]:
+            lines.append(f"   subsampled: {s['points']} of {s['of_points']} points "
+                         f"(memory_requirement_in_GB={data['memory_requirement_in_GB']})")
+    lines += ["", "resolved configuration (token masked):"]
+    cfg = {k: v for k, v in data["config"].items() if k != "lightly"}
+    lines += [textwrap.shorten(f"  {k}: {json.dumps(v)}", 95) for k, v in cfg.items()]
+    fig = _text_page(plt, f"poolwatch sampling run {r['id']}", lines, 8.0)
+    if m and m["random_init"]:
+        fig.text(0.07, 0.035, "WARNING: embeddings come from RANDOM weights - distances carry little meaning.\n"
+                 "Give checkpoint=PATH, lightly's pretrained weights, or enable_training=true.",
+                 color="darkred", fontsize=10, weight="bold")
+    return fig
+
+
+def _histogram(plt: Any, stats: DistanceStats, min_distance: float | None, title: str) -> Any:
+    fig, ax = plt.subplots(figsize=(8.27, 5.5))
+    d = stats.distances
+    if d.size:
+        ax.hist(d, bins=min(100, max(10, int(math.sqrt(d.size)))), color="steelblue", log=True)
+    else:
+        ax.text(0.5, 0.5, "fewer than 2 points: no pairwise distances", ha="center", va="center", transform=ax.transAxes)
+    if min_distance is not None:
+        ax.axvline(min_distance, color="crimson", linestyle="--", label=f"min_distance = {min_distance:g}")
+        ax.legend()
+    note = f" (subsample of {stats.points} of {stats.of_points} points)" if stats.subsampled else ""
+    ax.set_title(title + note, fontsize=11)
+    ax.set_xlabel("L2 distance")
+    ax.set_ylabel("pairs (log scale)")
+    fig.tight_layout()
+    return fig
+
+
+def _scatter(plt: Any, cand: np.ndarray, incl: np.ndarray, removed_mask: np.ndarray, pool_mask: np.ndarray,
+             limit: int = 20_000) -> Any:
+    fig, ax = plt.subplots(figsize=(8.27, 6.5))
+    # Drawn in this order so the selected points stay visible on top.
+    parts = [(cand[removed_mask] if len(cand) else cand, "removed", "#1f77b4"),
+             (incl[pool_mask] if len(incl) else incl, "pool", "#999999"),
+             (incl[~pool_mask] if len(incl) else incl, "newly selected", "#d62728")]
+    parts = [(v, label, c) for v, label, c in parts if len(v)]
+    if parts:
+        rng = np.random.default_rng(0)
+        proj = pca_2d(np.vstack([v for v, _, _ in parts]))
+        offsets = np.cumsum([0] + [len(v) for v, _, _ in parts])
+        for (v, label, color), s in zip(parts, offsets):
+            pts = proj[s:s + len(v)]
+            if len(pts) > limit:
+                pts = pts[rng.choice(len(pts), limit, replace=False)]
+            ax.scatter(pts[:, 0], pts[:, 1], s=8, alpha=0.7, label=f"{label} ({len(v)})", color=color)
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no embeddings", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title("Embeddings, first two principal components", fontsize=11)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    fig.tight_layout()
+    return fig
+
+
+def _thumb(naming: Naming, roots: list[str], name: str, size: int = 256) -> Any:
+    from PIL import Image, ImageOps
+
+    parsed = naming.parse(name)
+    if parsed is None:
+        return None
+    path = Path(parsed[0]) / parsed[1]
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            im.thumbnail((size, size))
+            return np.asarray(im)
+    except Exception:  # noqa: BLE001 - a thumbnail that cannot be made is shown as missing
+        return None
+
+
+def _examples(plt: Any, data: dict[str, Any], naming: Naming, roots: list[str]) -> Any:
+    pairs = data["examples"]["closest_removed"]
+    picks = data["examples"]["farthest_retained"]
+    if not pairs and not picks:
+        return None
+    rows = len(pairs) + math.ceil(len(picks) / 2)
+    fig, axes = plt.subplots(rows, 2, figsize=PAGE, squeeze=False)
+    fig.suptitle("Removed images beside their nearest retained image (closest first),\nthen the first picks "
+                 "(farthest from everything before them)", fontsize=11)
+    for r, pair in enumerate(pairs):
+        _show(axes[r][0], _thumb(naming, roots, pair["removed"]),
+              f"removed: {textwrap.shorten(pair['removed'], 45)}\ndistance to nearest retained {pair['distance']:.4g}")
+        _show(axes[r][1], _thumb(naming, roots, pair["retained"]), f"retained: {textwrap.shorten(pair['retained'], 45)}")
+    for k, pick in enumerate(picks):
+        dist = pick["distance_at_pick"]
+        _show(axes[len(pairs) + k // 2][k % 2], _thumb(naming, roots, pick["retained"]),
+              f"pick {pick['rank'] + 1}: {textwrap.shorten(pick['retained'], 40)}\n"
+              + ("first pick (seeded)" if dist is None else f"distance at pick {dist:.4g}"))
+    if len(picks) % 2:
+        axes[-1][1].axis("off")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return fig
+
+
+def _show(ax: Any, image: Any, title: str) -> None:
+    if image is not None:
+        ax.imshow(image)
+    else:
+        ax.text(0.5, 0.5, "(image not available)", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+    ax.set_title(title, fontsize=7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _tables_page(plt: Any, data: dict[str, Any], limit: int = 45) -> Any:
+    corrupt = data["corrupt_files"]
+    lines = [f"corrupt files: {len(corrupt)}"]
+    lines += [f"  {textwrap.shorten(c['file'], 55):<56} {c['reason']}" for c in corrupt[:limit]]
+    if len(corrupt) > limit:
+        lines.append(f"  ... and {len(corrupt) - limit} more (filenames/corrupt_filenames.json)")
+    groups = data["duplicate_groups"]
+    lines += ["", f"duplicate groups: {groups['count']} (first {len(groups['first'])})"]
+    for g in groups["first"]:
+        lines.append(f"  {textwrap.shorten(g['original'], 50)} <- {len(g['duplicates'])}: "
+                     + textwrap.shorten(", ".join(g["duplicates"]), 50))
+    return _text_page(plt, "Corrupt files and exact duplicates", lines, 8.0)

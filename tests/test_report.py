@@ -1,0 +1,118 @@
+"""Reports: the numbers agree with the run's outputs, the PDF has its pages, memory stays bounded."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lightly.utils.io import load_embeddings
+from pypdf import PdfReader
+
+from poolwatch.pipeline.report import max_points, pairwise_stats
+
+from .conftest import FAST, encode, make_dataset, photo, run_cli
+
+
+def test_report_of_a_pool_run_on_300_images(dirs: tuple[Path, Path]) -> None:
+    inp, shared = dirs
+    truth = make_dataset(inp, n_ok=300)
+    first = run_cli("sample", "--json", f"input_dir={inp}", f"shared_dir={shared}", *FAST, "datapool.name=p",
+                    "stopping_condition.n_samples=30", "token=very-secret-token")
+    assert first.returncode == 0, first.stderr[-2000:]
+    for i in range(20):
+        (inp / f"late_{i}.jpg").write_bytes(encode(photo(50_000 + i), "JPEG"))
+    proc = run_cli("sample", "--json", f"input_dir={inp}", f"shared_dir={shared}", *FAST, "datapool.name=p",
+                   "stopping_condition.n_samples=5", "stopping_condition.min_distance=0.01", "n_example_images=4",
+                   "token=very-secret-token")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = Path(json.loads(proc.stdout.strip().splitlines()[-1])["output_dir"])
+    report = json.loads((run / "report.json").read_text())
+
+    # numbers agree with the run's outputs
+    _, _, cands = load_embeddings(str(run / "data" / "embeddings.csv"))
+    _, _, selected = load_embeddings(str(run / "data" / "selected_embeddings.csv"))
+    _, _, incl = load_embeddings(str(run / "data" / "selected_embeddings_including_datapool.csv"))
+    assert report["candidates"] == len(cands) == 20
+    assert report["selected"] == len(selected) == 5
+    assert report["pool_before"] == 30 and report["pool_after"] == len(incl) == 35
+    assert report["images"]["corrupt_by_reason"] == truth["corrupt"]
+    assert report["images"]["duplicates"] == truth["duplicate"]
+    assert report["images"]["by_status"]["ok"] == truth["ok"] + 20
+    assert report["model"]["source"] == "random" and report["model"]["random_init"] is True
+    assert report["min_distance"] == 0.01
+    before, after = report["distances_before"], report["distances_after"]
+    assert before["count"] == 20 * 19 // 2 and after["count"] == 35 * 34 // 2
+    assert not before["subsampled"] and before["min"] <= before["p10"] <= before["mean"] <= before["max"]
+    assert after["min"] >= 0.01 - 1e-6  # the min_distance invariant shows in the statistics
+    assert len(report["examples"]["closest_removed"]) == 2 and len(report["examples"]["farthest_retained"]) == 2
+    assert {c["file"] for c in report["corrupt_files"]} == set(json.loads((run / "filenames" / "corrupt_filenames.json").read_text()))
+    assert 0 <= report["compute_efficiency"] <= 1
+    assert report["config"]["token"] == "***"
+    for path in run.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".yaml", ".csv", ".txt", ".pdf"):
+            assert b"very-secret-token" not in path.read_bytes(), path
+
+    # the PDF: summary, two histograms, scatter, examples, tables
+    assert len(PdfReader(run / "report.pdf").pages) == report["pdf_pages"] == 6
+    for name in ("distance_distr_before", "distance_distr_after", "embedding_scatter", "examples"):
+        assert (run / "plots" / f"{name}.png").stat().st_size > 5_000
+
+    # regenerate it from the run folder + store
+    (run / "report.pdf").unlink()
+    again = run_cli("report", "latest", f"shared_dir={shared}")
+    assert again.returncode == 0, again.stderr
+    assert (run / "report.pdf").exists()
+    assert run_cli("report", "999", f"shared_dir={shared}").returncode == 2
+
+
+def test_pairwise_stats_subsample_when_over_budget() -> None:
+    x = np.random.default_rng(0).normal(size=(500, 16)).astype(np.float32)
+    full = pairwise_stats(x, memory_gb=1.0, seed=0)
+    assert not full.subsampled and full.distances.size == 500 * 499 // 2
+    small = pairwise_stats(x, memory_gb=1e-5, seed=0)
+    assert small.subsampled and small.points == max_points(1e-5) < 500
+    assert small.distances.size == small.points * (small.points - 1) // 2
+    again = pairwise_stats(x, memory_gb=1e-5, seed=0)
+    assert np.array_equal(small.distances, again.distances)  # seeded
+
+
+SUBPROCESS = r"""
+import json, resource, sys, sqlite3, time
+from pathlib import Path
+import numpy as np
+from poolwatch.pipeline.config import load_config
+from poolwatch.pipeline.store import Store
+from poolwatch.pipeline.sampling import sample_run, import_embeddings
+from poolwatch.pipeline.report import build_report
+
+shared = Path(sys.argv[1])
+rng = np.random.default_rng(0)
+with open(shared / "emb.csv", "w") as fh:
+    fh.write("filenames," + ",".join(f"embedding_{i}" for i in range(32)) + ",labels\n")
+    for i in range(5000):
+        fh.write(f"f{i}.png," + ",".join(f"{v:.6f}" for v in rng.normal(size=32)) + ",0\n")
+cfg = load_config([f"shared_dir={shared}", "embeddings=emb.csv", "stopping_condition.n_samples=100",
+                   "memory_requirement_in_GB=0.0001", f"input_dir={shared / 'none'}"])
+with Store.open(cfg.store_path) as store:
+    model_id, pre = import_embeddings(store, cfg.resolve_shared(cfg.embeddings))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = sample_run(store, cfg, trigger="cli", model_id=model_id)
+    data = build_report(store, result.run_id)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"before": data["distances_before"], "base_kb": base, "peak_kb": peak}))
+"""
+
+
+def test_report_on_5000_vectors_with_a_tiny_memory_budget(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", SUBPROCESS, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    before = out["before"]
+    assert before["subsampled"] and before["of_points"] == 5000 and before["points"] == max_points(0.0001)
+    # A full 5000×5000 float32 matrix alone would be 100 MB; the whole report adds far less.
+    assert out["peak_kb"] - out["base_kb"] < 80_000, out
