@@ -435,6 +435,11 @@ def validate(data: dict[str, Any]) -> Config:
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, data)) from None
     _validate_lightly_values(config.lightly)
+    if config.store.path:
+        inside = config.resolve_shared(config.store.path).resolve()
+        if not inside.is_relative_to(config.shared_path):
+            raise ConfigError(f"store.path: invalid value {config.store.path!r}; allowed: a path inside shared_dir "
+                              f"({config.shared_path}) - poolwatch writes nowhere else")
     return config
 
 

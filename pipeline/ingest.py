@@ -38,6 +38,7 @@ class BatchResult:
     duplicate: int = 0
     vanished: int = 0
     corrupt_reasons: dict[str, int] = field(default_factory=dict)
+    embed_failures: dict[int, str] = field(default_factory=dict)  # batch position -> error, images left pending
     decode_seconds: float = 0.0  # waiting for decoded input in the caller's thread
     compute_seconds: float = 0.0  # model forward
     store_seconds: float = 0.0
@@ -158,9 +159,9 @@ def commit_batch(store: Store, embedder: Embedder, model_id: int, decoded: Seque
         to_embed.append(pos)
 
     t0 = clock()
-    vectors = embedder.embed(np.stack([decoded[p].pixels for p in to_embed])) if to_embed else None
+    vector_of, failed = embed_resilient(embedder, {p: decoded[p].pixels for p in to_embed})
     result.compute_seconds = clock() - t0
-    vector_of = {p: vectors[i] for i, p in enumerate(to_embed)} if vectors is not None else {}
+    result.embed_failures = failed
 
     t1 = clock()
     with store.transaction():
@@ -186,6 +187,11 @@ def commit_batch(store: Store, embedder: Embedder, model_id: int, decoded: Seque
                                                           duplicate_of=original, **base))
                 result.duplicate += 1
                 continue
+            if pos not in vector_of:
+                # The model failed on this image alone: keep it pending, the next scan retries it.
+                ids[pos] = store.upsert_image(ImageRecord(status="pending", reason="embed_error",
+                                                          detail=failed[pos][:500], **base))
+                continue
             vec = vector_of[pos]
             if remove_duplicates:
                 vh = vector_hash(vec)
@@ -206,6 +212,29 @@ def commit_batch(store: Store, embedder: Embedder, model_id: int, decoded: Seque
             result.ok += 1
     result.store_seconds = clock() - t1
     return result
+
+
+def embed_resilient(embedder: Embedder, pixels: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """Embed a batch; if the model fails (out of memory, a bad input), retry in halves down to single
+    images. Returns (vectors by key, error text by key for the images that failed alone)."""
+    vectors: dict[int, np.ndarray] = {}
+    failed: dict[int, str] = {}
+    pending = [list(pixels)]
+    while pending:
+        keys = pending.pop()
+        if not keys:
+            continue
+        try:
+            out = embedder.embed(np.stack([pixels[k] for k in keys]))
+        except Exception as exc:  # noqa: BLE001 - any model failure: narrow it down
+            if len(keys) == 1:
+                failed[keys[0]] = f"{type(exc).__name__}: {exc}"
+            else:
+                half = len(keys) // 2
+                pending += [keys[half:], keys[:half]]
+            continue
+        vectors.update(zip(keys, out))
+    return vectors, failed
 
 
 def _existing_id(store: Store, ref: FileRef) -> int | None:

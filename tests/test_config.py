@@ -144,3 +144,10 @@ def test_readme_reference_matches_config_yaml() -> None:
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- config-reference:start -->")[1].split("<!-- config-reference:end -->")[0]
     assert block.strip() == reference_table().strip(), "regenerate with: poolwatch config --reference"
+
+
+@pytest.mark.parametrize("path", ["../elsewhere.db", "/tmp/outside.db", "sub/../../x.db"])
+def test_store_path_stays_inside_shared_dir(path: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="store.path"):
+        load_config([f"shared_dir={tmp_path}", f"store.path={path}"])
+    assert load_config([f"shared_dir={tmp_path}", "store.path=db/pw.db"]).store_path == tmp_path / "db" / "pw.db"
