@@ -47,7 +47,7 @@ class Naming:
         return cls(names)
 
     def name(self, root: str, relpath: str) -> str:
-        return self.prefixes.get(root, "") + relpath
+        return printable(self.prefixes.get(root, "") + relpath)
 
     def parse(self, filename: str) -> tuple[str, str] | None:
         """The (root, relpath) a filename written by `name` came from; None when no root matches."""
@@ -56,6 +56,15 @@ class Naming:
                 return root, filename[len(prefix):]
         plain = [r for r, p in self.prefixes.items() if not p]
         return (plain[0], filename) if plain else None
+
+
+def printable(name: str) -> str:
+    """A file name as text: undecodable bytes (surrogate-escaped by Python) become `\\xNN`."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def labels_for(relpaths: Sequence[str], folders: Sequence[str] | None = None) -> list[int]:
@@ -72,7 +81,8 @@ def write_embeddings_csv(path: Path, filenames: Sequence[str], vectors: np.ndarr
         raise ExportError(f"{path.name}: {len(filenames)} filenames, {len(vectors)} vectors, {len(labels)} labels")
     dim = vectors.shape[1] if vectors.ndim == 2 else 0
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
+    # errors="backslashreplace": an undecodable byte in a file name is written as \xNN (text files are UTF-8).
+    with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as fh:
         writer = csv.writer(fh)
         writer.writerow(["filenames", *(f"embedding_{i}" for i in range(dim)), "labels"])
         for name, vec, label in zip(filenames, vectors, labels):
@@ -124,7 +134,7 @@ def read_embeddings_csv(path: Path) -> EmbeddingsFile:
 
 def write_lines(path: Path, lines: Iterable[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
+    with open(path, "w", encoding="utf-8", errors="backslashreplace") as fh:
         for line in lines:
             fh.write(line.replace("\n", "\\n") + "\n")
 

@@ -254,12 +254,12 @@ def _write_outputs(store: Store, config: Config, out: Path, cand_ids: np.ndarray
     naming = Naming.for_roots([str(p) for p in config.input_paths])
     write_lines(out / "filenames" / "corrupt_filenames.txt", (naming.name(r["root"], r["relpath"]) for r in corrupt))
     reasons = {naming.name(r["root"], r["relpath"]): {"reason": r["reason"], "detail": r["detail"]} for r in corrupt}
-    (out / "filenames" / "corrupt_filenames.json").write_text(json.dumps(reasons, indent=1, ensure_ascii=False), encoding="utf-8")
+    (out / "filenames" / "corrupt_filenames.json").write_text(json.dumps(reasons, indent=1, ensure_ascii=False), encoding="utf-8", errors="backslashreplace")
     originals = store.paths(r["duplicate_of"] for r in duplicates if r["duplicate_of"])
     write_lines(out / "filenames" / "duplicate_filenames.txt", (naming.name(r["root"], r["relpath"]) for r in duplicates))
     dup_map = {naming.name(r["root"], r["relpath"]): naming.name(*originals[r["duplicate_of"]])
                for r in duplicates if r["duplicate_of"] in originals}
-    (out / "filenames" / "duplicate_filenames.json").write_text(json.dumps(dup_map, indent=1, ensure_ascii=False), encoding="utf-8")
+    (out / "filenames" / "duplicate_filenames.json").write_text(json.dumps(dup_map, indent=1, ensure_ascii=False), encoding="utf-8", errors="backslashreplace")
 
 
 def write_pool_files(store: Store, config: Config, pool: str, model_id: int, history_name: str | None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -149,6 +150,30 @@ class ModelRecord:
     is_current: bool
 
 
+def _enc(path: str) -> str | bytes:
+    """A path for the database: TEXT when it is valid UTF-8, else its raw bytes as a BLOB.
+
+    File names on Linux are bytes; Python hands undecodable ones over with surrogate escapes, which
+    SQLite's TEXT cannot hold. The BLOB keeps them exact (and unique) instead of dropping the file.
+    """
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+
+
+def _dec(value: str | bytes) -> str:
+    return value if isinstance(value, str) else os.fsdecode(value)
+
+
+def _row(row: dict[str, Any]) -> dict[str, Any]:
+    for key in ("root", "relpath"):
+        if isinstance(row.get(key), bytes):
+            row[key] = _dec(row[key])
+    return row
+
+
 def vector_hash(vector: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(vector, dtype=np.float32).tobytes(), digest_size=16).hexdigest()
 
@@ -221,20 +246,21 @@ class Store:
 
     # ---- images ---------------------------------------------------------------------------
     def known_files(self, root: str) -> dict[str, KnownFile]:
-        rows = self.conn.execute("SELECT relpath, id, size, mtime_ns, status FROM images WHERE root = ?", (root,))
-        return {r[0]: KnownFile(r[1], r[2], r[3], r[4]) for r in rows}
+        rows = self.conn.execute("SELECT relpath, id, size, mtime_ns, status FROM images WHERE root = ?", (_enc(root),))
+        return {_dec(r[0]): KnownFile(r[1], r[2], r[3], r[4]) for r in rows}
 
     def upsert_image(self, rec: ImageRecord) -> int:
         """Insert or update the row of (root, relpath); returns its id. Use inside a transaction."""
         now = time.time()
-        row = self.conn.execute("SELECT id FROM images WHERE root = ? AND relpath = ?", (rec.root, rec.relpath)).fetchone()
+        root, relpath = _enc(rec.root), _enc(rec.relpath)
+        row = self.conn.execute("SELECT id FROM images WHERE root = ? AND relpath = ?", (root, relpath)).fetchone()
         values = (rec.size, rec.mtime_ns, rec.hash, rec.status, rec.reason, rec.detail, rec.duplicate_of,
                   rec.width, rec.height, rec.format, now)
         if row is None:
             cur = self.conn.execute(
                 "INSERT INTO images (size, mtime_ns, hash, status, reason, detail, duplicate_of, width, height, format,"
                 " updated, root, relpath, first_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (*values, rec.root, rec.relpath, now),
+                (*values, root, relpath, now),
             )
             return int(cur.lastrowid)
         image_id = int(row[0])
@@ -260,30 +286,30 @@ class Store:
         rows = self.conn.execute(
             "SELECT relpath FROM images i WHERE root = ? AND status = 'ok' AND NOT EXISTS"
             " (SELECT 1 FROM embeddings e WHERE e.image_id = i.id AND e.model_id = ?)",
-            (root, model_id),
+            (_enc(root), model_id),
         )
-        return {r[0] for r in rows}
+        return {_dec(r[0]) for r in rows}
 
     def mark_missing(self, root: str, relpaths: Iterable[str]) -> int:
         now = time.time()
         cur = self.conn.executemany(
             "UPDATE images SET status='missing', reason=NULL, detail=NULL, updated=? WHERE root=? AND relpath=? AND status != 'missing'",
-            ((now, root, rel) for rel in relpaths),
+            ((now, _enc(root), _enc(rel)) for rel in relpaths),
         )
         return cur.rowcount
 
     def image(self, image_id: int) -> dict[str, Any] | None:
         rows = list(self.db.query("SELECT * FROM images WHERE id = ?", [image_id]))
-        return rows[0] if rows else None
+        return _row(rows[0]) if rows else None
 
     def image_by_path(self, root: str, relpath: str) -> dict[str, Any] | None:
-        rows = list(self.db.query("SELECT * FROM images WHERE root = ? AND relpath = ?", [root, relpath]))
-        return rows[0] if rows else None
+        rows = list(self.db.query("SELECT * FROM images WHERE root = ? AND relpath = ?", [_enc(root), _enc(relpath)]))
+        return _row(rows[0]) if rows else None
 
     def images(self, status: str | None = None) -> list[dict[str, Any]]:
         if status is None:
-            return list(self.db.query("SELECT * FROM images ORDER BY id"))
-        return list(self.db.query("SELECT * FROM images WHERE status = ? ORDER BY id", [status]))
+            return [_row(r) for r in self.db.query("SELECT * FROM images ORDER BY id")]
+        return [_row(r) for r in self.db.query("SELECT * FROM images WHERE status = ? ORDER BY id", [status])]
 
     def counts_by_status(self) -> dict[str, int]:
         counts = {s: 0 for s in STATUSES}
@@ -457,19 +483,19 @@ class Store:
             chunk = ids[start:start + 500]
             marks = ",".join("?" * len(chunk))
             for r in self.conn.execute(f"SELECT id, root, relpath FROM images WHERE id IN ({marks})", chunk):
-                out[int(r[0])] = (r[1], r[2])
+                out[int(r[0])] = (_dec(r[1]), _dec(r[2]))
         return out
 
     def top_folders(self, root: str) -> list[str]:
         """Sorted top-level sub-folders of a root that hold (or held) images: lightly's label order."""
         rows = self.conn.execute(
             "SELECT DISTINCT substr(relpath, 1, instr(relpath, '/') - 1) FROM images WHERE root = ? AND instr(relpath, '/') > 0",
-            (root,),
+            (_enc(root),),
         )
-        return sorted(r[0] for r in rows)
+        return sorted(_dec(r[0]) for r in rows)
 
     def ids_by_path(self, root: str) -> dict[str, int]:
-        return {r[0]: int(r[1]) for r in self.conn.execute("SELECT relpath, id FROM images WHERE root = ?", (root,))}
+        return {_dec(r[0]): int(r[1]) for r in self.conn.execute("SELECT relpath, id FROM images WHERE root = ?", (_enc(root),))}
 
     # ---- status ---------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
