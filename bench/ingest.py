@@ -1,0 +1,142 @@
+"""Ingest throughput: lightly-embed vs `poolwatch ingest` vs a decode-only loop, on the same files and cores.
+
+    python bench/ingest.py                      # 2,000 JPEGs at 640x480, then a 1920x1080 set
+    python bench/ingest.py --n 300 --repeat 1   # quicker
+    python bench/ingest.py --smoke              # seconds: keeps the script working (CI)
+
+Each tool runs as its own process, end to end (start-up, model load, decode, embed, write), alternating
+A and B for --repeat rounds; medians are reported. Same model settings everywhere (resnet-18, num_ftrs 32,
+input 64, batch size --batch, --workers decode workers). Offline, lightly-embed and poolwatch both use
+random weights, which is fine for timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, make_jpegs  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+
+
+def run_child_measured(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
+    """Run under a tiny wrapper so ru_maxrss covers the tool and its workers (max over the tree)."""
+    wrapper = ("import resource, subprocess, sys, time, json;"
+               "t=time.perf_counter(); p=subprocess.run(sys.argv[1:], capture_output=True, text=True);"
+               "w=time.perf_counter()-t;"
+               "print(json.dumps({'rc': p.returncode, 'wall': w,"
+               " 'rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024,"
+               " 'out': p.stdout[-4000:], 'err': p.stderr[-4000:]}))")
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], cwd=cwd, capture_output=True, text=True)
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    if data["rc"] != 0:
+        raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{data['err']}")
+    return data["wall"], data["rss"], data["out"]
+
+
+def lightly_embed(folder: Path, work: Path, batch: int, workers: int) -> tuple[float, float]:
+    run_dir = work / f"lightly-{time.time_ns()}"
+    cmd = [str(BIN / "lightly-embed"), f"input_dir={folder}", "model.name=resnet-18", "model.num_ftrs=32",
+           "collate.input_size=64", f"loader.batch_size={batch}", f"loader.num_workers={workers}",
+           f"hydra.run.dir={run_dir}"]
+    wall, rss, _ = run_child_measured(cmd, work)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return wall, rss
+
+
+def poolwatch_ingest(folder: Path, work: Path, batch: int, workers: int, extra: list[str]) -> tuple[float, float, dict]:
+    shared = work / f"pw-{time.time_ns()}"
+    cmd = [str(BIN / "poolwatch"), "ingest", "--json", f"input_dir={folder}", f"shared_dir={shared}",
+           "lightly.pre_trained=false", f"lightly.loader.batch_size={batch}", f"lightly.loader.num_workers={workers}",
+           "--log-level", "WARNING", *extra]
+    wall, rss, out = run_child_measured(cmd, work)
+    shutil.rmtree(shared, ignore_errors=True)
+    return wall, rss, json.loads(out.strip().splitlines()[-1])
+
+
+def decode_only(paths: list[Path], workers: int, input_size: int) -> float:
+    from poolwatch.pipeline.decode import DecodeSettings, FileRef, read_and_decode
+
+    settings = DecodeSettings(input_size=input_size)
+    refs = [FileRef(str(p.parent), p.name, 0, 0) for p in paths]
+    start = time.perf_counter()
+    if workers > 0:
+        with ProcessPoolExecutor(workers) as pool:
+            for _ in pool.map(read_and_decode, refs, [settings] * len(refs), chunksize=16):
+                pass
+    else:
+        for r in refs:
+            read_and_decode(r, settings)
+    return time.perf_counter() - start
+
+
+def bench_set(label: str, folder: Path, paths: list[Path], work: Path, args: argparse.Namespace) -> None:
+    n = len(paths)
+    lightly, pw, dec = [], [], []
+    pw_eff, pw_rate = [], []
+    rss = {"lightly": 0.0, "poolwatch": 0.0}
+    for r in range(args.repeat):
+        if not args.skip_lightly:
+            wall, mem = lightly_embed(folder, work, args.batch, args.workers)
+            lightly.append(n / wall)
+            rss["lightly"] = max(rss["lightly"], mem)
+        wall, mem, summary = poolwatch_ingest(folder, work, args.batch, args.workers, args.poolwatch_arg)
+        pw.append(n / wall)
+        pw_eff.append(summary["compute_efficiency"])
+        pw_rate.append(summary["images_per_second"])
+        rss["poolwatch"] = max(rss["poolwatch"], mem)
+        dec.append(n / decode_only(paths, args.workers, 64))
+    med = statistics.median
+    print(f"\n## {label}: {n} files, batch {args.batch}, {args.workers} decode workers, {args.repeat} rounds (medians)")
+    print("| what | images/s end to end | peak RSS MB |")
+    print("|---|---|---|")
+    if lightly:
+        print(f"| lightly-embed | {med(lightly):.1f} | {rss['lightly']:.0f} |")
+    print(f"| poolwatch ingest | {med(pw):.1f} (loop rate {med(pw_rate):.1f}, compute efficiency {med(pw_eff):.2f}) | {rss['poolwatch']:.0f} |")
+    print(f"| decode-only (poolwatch's decoder) | {med(dec):.1f} | - |")
+    if lightly:
+        print(f"ratio poolwatch / lightly-embed: {med(pw) / med(lightly):.2f}x")
+    print(f"ratio poolwatch / decode-only limit: {med(pw) / med(dec):.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--n-hd", type=int, default=300, help="files in the 1920x1080 set (0 = skip)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "poolwatch-bench-ingest")
+    ap.add_argument("--skip-lightly", action="store_true")
+    ap.add_argument("--poolwatch-arg", action="append", default=[], help="extra key=value for poolwatch")
+    ap.add_argument("--smoke", action="store_true", help="tiny run to keep the script working")
+    args = ap.parse_args()
+    if args.smoke:
+        args.n, args.n_hd, args.repeat, args.batch = 16, 0, 1, 8
+    print(f"machine: {machine()}")
+    work = Path(tempfile.mkdtemp(prefix="pw-bench-"))
+    try:
+        vga = args.data / f"640x480-{args.n}"
+        bench_set("640x480 JPEG", vga, make_jpegs(vga, args.n, (640, 480)), work, args)
+        if args.n_hd:
+            hd = args.data / f"1920x1080-{args.n_hd}"
+            bench_set("1920x1080 JPEG", hd, make_jpegs(hd, args.n_hd, (1920, 1080), seed=7), work, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Daemon latency and throughput: a trickle (file closed -> row committed) and a burst.
+
+    python bench/latency.py                       # trickle 5 files/s for 60 s, then a burst of 2,000
+    python bench/latency.py --rate 5 --seconds 20 --burst 500
+    python bench/latency.py --smoke               # seconds, for CI
+
+Starts the real daemon (`poolwatch run`) on temp dirs, writes 640x480 JPEGs, and reads the store
+(read-only) for each file's commit time (`images.updated`, time.time() at commit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, make_jpegs  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def committed(shared: Path) -> dict[str, float]:
+    db = shared / "poolwatch.db"
+    if not db.exists():
+        return {}
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return dict(conn.execute("SELECT relpath, updated FROM images"))
+    finally:
+        conn.close()
+
+
+def wait(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rate", type=float, default=5.0)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--burst", type=int, default=2000)
+    ap.add_argument("--size", default="640x480")
+    ap.add_argument("--arg", action="append", default=[], help="extra key=value for the daemon")
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    if args.smoke:
+        args.rate, args.seconds, args.burst = 4.0, 2.0, 16
+    w, h = map(int, args.size.split("x"))
+    print(f"machine: {machine()}")
+    work = Path(tempfile.mkdtemp(prefix="pw-bench-latency-"))
+    inp, shared, src = work / "in", work / "shared", work / "src"
+    inp.mkdir()
+    n_trickle = int(args.rate * args.seconds)
+    sources = make_jpegs(src, n_trickle + args.burst, (w, h), seed=3)
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "poolwatch"), "run", f"input_dir={inp}", f"shared_dir={shared}",
+           f"metrics.port={port}", "lightly.pre_trained=false", "--log-level", "WARNING", *args.arg]
+    daemon = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+        wait(healthy, 120, "the daemon to start")
+        closed: dict[str, float] = {}
+        start = time.monotonic()
+        for i, path in enumerate(sources[:n_trickle]):
+            target = start + i / args.rate
+            time.sleep(max(0.0, target - time.monotonic()))
+            name = f"t_{i:05d}.jpg"
+            with open(inp / name, "wb") as fh:
+                fh.write(path.read_bytes())
+            closed[name] = time.time()
+        wait(lambda: all(n in committed(shared) for n in closed), 120, "the trickle to be committed")
+        rows = committed(shared)
+        lat = [rows[n] - closed[n] for n in closed]
+        print(f"| trickle {args.rate:g} files/s for {args.seconds:g} s ({len(lat)} files {w}x{h}) | "
+              f"p50 {pct(lat, 0.5) * 1000:.0f} ms | p99 {pct(lat, 0.99) * 1000:.0f} ms | max {max(lat) * 1000:.0f} ms |")
+
+        t = time.time()
+        for i, path in enumerate(sources[n_trickle:]):
+            shutil.copyfile(path, inp / f".b_{i:05d}.tmp")
+            os.replace(inp / f".b_{i:05d}.tmp", inp / f"b_{i:05d}.jpg")
+        written = time.time() - t
+        names = {f"b_{i:05d}.jpg" for i in range(args.burst)}
+        wait(lambda: names <= set(committed(shared)), 3600, "the burst to be committed")
+        rows = committed(shared)
+        done = max(rows[n] for n in names) - t
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        eff = [l for l in metrics.splitlines() if l.startswith('poolwatch_compute_efficiency{window="smoothed"}')]
+        print(f"| burst of {args.burst} files ({w}x{h}, written in {written:.1f} s) | {args.burst / done:.1f} images/s | "
+              f"all committed after {done:.1f} s | {eff[0].split()[-1] if eff else '?'} compute efficiency (smoothed) |")
+        with open(f"/proc/{daemon.pid}/status") as fh:
+            hwm = [l for l in fh if l.startswith(("VmHWM", "VmRSS"))]
+        print("daemon memory: " + ", ".join(l.split(":")[0] + " " + l.split(":")[1].strip() for l in hwm))
+        daemon.send_signal(signal.SIGTERM)
+        print(f"SIGTERM -> exit {daemon.wait(timeout=60)}")
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

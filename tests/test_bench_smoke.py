@@ -1,0 +1,20 @@
+"""The bench scripts keep working: a tiny run of each (seconds). Figures come from full runs, never from here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+
+@pytest.mark.parametrize("script", ["ingest.py", "latency.py", "store.py", "coreset.py"])
+def test_bench_smoke(script: str) -> None:
+    args = [sys.executable, str(ROOT / "bench" / script), "--smoke"]
+    if script == "ingest.py":
+        args.append("--skip-lightly")
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "machine:" in proc.stdout or "Machine" in proc.stdout
