@@ -38,6 +38,12 @@ LIGHTLY_MODELS = ("resnet-9", "resnet-18", "resnet-34", "resnet-50", "resnet-101
 _INTERVAL_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 
 
+# lightly keys whose values are a set of choices rather than the type of lightly's default.
+LIGHTLY_CHOICES: dict[str, tuple[Any, ...]] = {
+    "lightly.trainer.precision": (32, 16, "32-true", "16-mixed", "bf16", "bf16-mixed"),
+}
+
+
 class ConfigError(ValueError):
     """A configuration problem; the message is one line fit for a user."""
 
@@ -291,6 +297,11 @@ def _check_lightly(values: Any, schema: dict[str, Any], prefix: str = "lightly")
         default = schema[key]
         if isinstance(default, dict):
             _check_lightly(value, default, full)
+            continue
+        if full in LIGHTLY_CHOICES:
+            if value not in LIGHTLY_CHOICES[full]:
+                allowed = ", ".join(map(str, LIGHTLY_CHOICES[full]))
+                raise ConfigError(f"{full}: invalid value {value!r}; allowed: {allowed}")
             continue
         if not _same_kind(value, default):
             raise ConfigError(f"{full}: invalid value {value!r}; allowed: {_kind_name(default)} (lightly's default is {default!r})")

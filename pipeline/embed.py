@@ -22,6 +22,7 @@ import os
 import re
 import tempfile
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,14 +103,36 @@ def weights_hash(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+# torch's weights-only error text around the one line that says what was wrong
+_TORCH_LOAD_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
 def _torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # a plain pickle.dump'ed file makes torch warn about its protocol before refusing it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelError(f"checkpoint: file {str(path)!r} does not exist") from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint we load"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        useful = [line for line in lines if not line.startswith(_TORCH_LOAD_BOILERPLATE)]
+        first = (useful or lines or [type(exc).__name__])[0]
         raise ModelError(f"checkpoint: {str(path)!r} is not a loadable weights-only checkpoint ({first[:200]})") from None
+
+
+def _checkpoint_num_ftrs(state: dict[str, Any]) -> int | None:
+    """The num_ftrs a lightly state dict was made for: the out-channels of the backbone's 1x1 conv.
+
+    The CLI backbone is BatchNorm2d(3), the resnet's six feature children, then that conv: index 7.
+    Old checkpoints call the backbone "features".
+    """
+    for key, tensor in state.items():
+        if key.split(".")[-3:] in (["backbone", "7", "weight"], ["features", "7", "weight"]) \
+                and tensor.ndim == 4 and tuple(tensor.shape[2:]) == (1, 1):
+            return int(tensor.shape[0])
+    return None
 
 
 def load_state(module: nn.Module, state: Any, spec: ModelSpec, origin: str) -> None:
@@ -126,7 +149,10 @@ def load_state(module: nn.Module, state: Any, spec: ModelSpec, origin: str) -> N
         text = str(exc)
         missing = re.search(r'Missing key\(s\) in state_dict: ([^\n]*)', text)
         sizes = re.search(r'size mismatch for ([^:]+): copying a param with shape (torch.Size\(\[[^\]]*\]\)) from checkpoint, the shape in current model is (torch.Size\(\[[^\]]*\]\))', text)
-        if sizes:
+        ftrs = _checkpoint_num_ftrs(state)
+        if ftrs is not None and ftrs != spec.num_ftrs:
+            why = f"it was made for num_ftrs={ftrs} ({ftrs}-d embeddings); set lightly.model.num_ftrs={ftrs} to use it"
+        elif sizes:
             why = f"{sizes.group(1)} has shape {sizes.group(2)[11:-1]} but {spec.slug} expects {sizes.group(3)[11:-1]}"
         elif missing:
             keys = missing.group(1).split(", ")

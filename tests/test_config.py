@@ -151,3 +151,12 @@ def test_store_path_stays_inside_shared_dir(path: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="store.path"):
         load_config([f"shared_dir={tmp_path}", f"store.path={path}"])
     assert load_config([f"shared_dir={tmp_path}", "store.path=db/pw.db"]).store_path == tmp_path / "db" / "pw.db"
+
+
+@pytest.mark.parametrize("value, ok", [("32", True), ("16", True), ("bf16", True), ("16-mixed", True), ("8", False), ("fp8", False)])
+def test_trainer_precision_choices(value: str, ok: bool) -> None:
+    if ok:
+        assert load_config([f"lightly.trainer.precision={value}"]).lightly["trainer"]["precision"] in (32, 16, value)
+    else:
+        with pytest.raises(ConfigError, match="lightly.trainer.precision"):
+            load_config([f"lightly.trainer.precision={value}"])
