@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from poolwatch import __version__
 from poolwatch.pipeline.config import Config, ConfigError, load_config
@@ -55,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     sub.add_parser("run", parents=[common], help="the always-on daemon: watch, ingest, sample on schedule/signal, metrics")
     sub.add_parser("trigger", parents=[common], help="ask the running daemon for a sampling run (SIGUSR1)")
+    sub.add_parser("train", parents=[common], help="SimCLR training on the store's images; the result becomes the model")
     p = sub.add_parser("config", parents=[common], help="print the resolved configuration (token masked)")
     p.add_argument("--reference", action="store_true", help="print every option as a markdown table instead")
     p = sub.add_parser("datapool", parents=[base], help="list, export, import or restore a datapool")
@@ -73,9 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     runtime.setup_logging(args.log_level)
     try:
         config = load_config(args.overrides, args.config)
+        if args.command not in ("config", "status", "trigger"):
+            runtime.log_ineffective_lightly_keys(config)
         if config.sanity_check or args.command == "sanity-check":
             return sanity_check(config)
-        if args.command in ("ingest", "sample") or (args.command == "datapool" and args.action in ("import", "restore")):
+        if args.command in ("ingest", "sample", "train") or (args.command == "datapool" and args.action in ("import", "restore")):
             with ShareLock(config.shared_path):
                 return COMMANDS[args.command](config, args)
         return COMMANDS[args.command](config, args)
@@ -144,6 +148,9 @@ def ingest_once(config: Config):  # -> PassSummary
             executor=executor, remove_duplicates=config.remove_exact_duplicates,
             ignore_patterns=config.watch.ignore_patterns, on_plan=on_plan, on_batch=on_batch,
         )
+        dropped = store.drop_old_vectors()
+        if dropped:
+            log.info("every image has a vector of model %d now; %d vectors of older models removed", model_id, dropped)
     finally:
         bar.close()
         if executor is not None:
@@ -257,6 +264,9 @@ def cmd_sample(config: Config, args: argparse.Namespace) -> int:
         summary = ingest_once(config)
         if summary.outages and summary.discovered == 0:
             return EXIT_FAILED
+        if config.enable_training:
+            train_and_switch(config)
+            summary = ingest_once(config)  # re-embeds the store with the trained model
         extra = {"compute_efficiency": round(summary.compute_efficiency, 4) if summary.processed else None,
                  "ingest": {"processed": summary.processed, "seconds": round(summary.seconds, 3)}}
     with open_store(config) as store:
@@ -365,6 +375,66 @@ def cmd_datapool(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def train_and_switch(config: Config) -> dict:
+    """Train on the store's `ok` images, make the result the current model, return a summary."""
+    import shutil
+
+    from tqdm import tqdm
+
+    from poolwatch.pipeline.train import train_simclr
+
+    with open_store(config) as store:
+        roots = {str(p) for p in config.input_paths}
+        paths = [Path(r["root"]) / r["relpath"] for r in store.images("ok") if r["root"] in roots]
+    if config.embeddings:
+        raise UsageError("enable_training: cannot train when embeddings= is given (there are no images)")
+    current = runtime.load_embedder(config)
+    epochs = int(config.lightly_get("trainer.max_epochs"))
+    log.info("training SimCLR on %d images for %d epochs from the %s model", len(paths), epochs, current.model.source)
+    bar = tqdm(total=None, unit="step", disable=not sys.stderr.isatty(), dynamic_ncols=True, desc="training")
+
+    def progress(epoch: int, step: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
+
+    pool = config.datapool.name
+    try:
+        result = train_simclr(paths, config.lightly, out_dir=config.shared_path, init=current.model.module,
+                              seed=int(config.lightly_get("seed")), device=current.device,
+                              num_workers=runtime.num_workers(config), progress=progress,
+                              extra_checkpoint=config.shared_path / pool / "checkpoint_latest.ckpt" if pool else None)
+    finally:
+        bar.close()
+    # A copy named by its weights keeps this model's file even when a later training reuses the name.
+    trained = runtime.load_embedder(config, trained=result.checkpoint)
+    keep = config.shared_path / "models" / f"trained-{trained.model.weights_hash[:16]}.ckpt"
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(result.checkpoint, keep)
+    trained.model.path = str(keep)
+    from poolwatch.pipeline.ingest import activate_model
+
+    with open_store(config) as store:
+        model_id = activate_model(store, trained)
+    log.info("training done in %.1fs (losses per epoch: %s); model %d is now current (%s)", result.seconds,
+             ", ".join(f"{x:.4f}" for x in result.losses), model_id, result.checkpoint)
+    return {"checkpoint": str(result.checkpoint), "model_id": model_id, "epochs": result.epochs,
+            "losses": result.losses, "seconds": round(result.seconds, 2), "images": len(paths),
+            "skipped": [str(p) for p in result.skipped]}
+
+
+def cmd_train(config: Config, args: argparse.Namespace) -> int:
+    if config.embeddings:
+        raise UsageError("enable_training: cannot train when embeddings= is given (there are no images)")
+    ingest_once(config)
+    summary = train_and_switch(config)
+    again = ingest_once(config)  # re-embed every ok image with the new model
+    with open_store(config) as store:
+        dropped = store.drop_old_vectors()
+    log.info("re-embedded %d images with the trained model; %d vectors of older models removed", again.processed, dropped)
+    print(json.dumps({**summary, "reembedded": again.processed}))
+    return EXIT_OK
+
+
 def cmd_config(config: Config, args: argparse.Namespace) -> int:
     from poolwatch.pipeline.config import reference_table
 
@@ -401,6 +471,7 @@ COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "config": cmd_config,
     "run": cmd_run,
     "report": cmd_report,
+    "train": cmd_train,
     "trigger": cmd_trigger,
 }
 

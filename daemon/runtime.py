@@ -61,7 +61,44 @@ def configure_torch_threads(config: Config) -> None:
     torch.set_num_threads(max(1, cores - max(0, num_workers(config) // 2)))
 
 
-def load_embedder(config: Config):  # -> Embedder (torch imported lazily for fast CLI start)
+# lightly CLI keys that poolwatch accepts but that change nothing here (it has no Lightning trainer,
+# no cropping, no hydra): setting one logs a line saying so.
+NO_EFFECT = ("crop_padding", "trainer.gpus", "trainer.enable_model_summary", "checkpoint_callback",
+             "summary_callback", "environment_variable_names")
+
+
+def log_ineffective_lightly_keys(config: Config) -> None:
+    from poolwatch.pipeline.config import lightly_cli_defaults
+
+    defaults = lightly_cli_defaults()
+    for dotted in NO_EFFECT:
+        ours, theirs = config.lightly, defaults
+        for part in dotted.split("."):
+            ours, theirs = ours.get(part), theirs.get(part)
+        if ours != theirs:
+            log.info("lightly.%s is accepted for compatibility but has no effect in poolwatch", dotted)
+
+
+def trained_model_path(config: Config) -> Path | None:
+    """The store's current model when training made it for this architecture (it outlives restarts)."""
+    from poolwatch.pipeline.embed import ModelSpec
+    from poolwatch.pipeline.store import Store
+
+    if config.checkpoint or not config.store_path.exists():
+        return None
+    spec = ModelSpec.from_lightly(config.lightly)
+    with Store.open(config.store_path, float(config.store.busy_timeout)) as store:
+        current = store.current_model()
+    if current is None or current.source != "trained" or not current.path or not Path(current.path).is_file():
+        return None
+    if current.arch != spec.arch() or current.input_size != spec.input_size:
+        log.warning("the trained model %s was made for %s @%dpx; lightly.model/collate now ask for %s @%dpx, "
+                    "so it is not used", current.path, current.arch, current.input_size, spec.arch(), spec.input_size)
+        return None
+    return Path(current.path)
+
+
+def load_embedder(config: Config, trained: Path | None = None):  # -> Embedder (torch imported lazily)
     """The configured model, loaded and ready, with its fallbacks logged loudly."""
     from poolwatch.pipeline.embed import Embedder, ModelSpec, load_model, resolve_device
 
@@ -71,6 +108,7 @@ def load_embedder(config: Config):  # -> Embedder (torch imported lazily for fas
         spec,
         models_dir=config.shared_path / "models",
         checkpoint=config.resolve_shared(config.checkpoint) if config.checkpoint else None,
+        trained=trained if trained is not None else trained_model_path(config),
         weights_file=Path(weights).expanduser() if weights else None,
         pretrained=bool(config.lightly_get("pre_trained")),
         seed=config.seed,

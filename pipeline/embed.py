@@ -7,6 +7,7 @@ SimCLR module so lightly's checkpoints load unchanged. Input: `Resize((s, s))` (
 
 Where the weights come from, first match wins:
 1. `checkpoint=PATH` (lightly .ckpt or zoo .pth), loaded with `torch.load(weights_only=True)`;
+   then the store's own trained model (`trained`), when training made one for this architecture;
 2. a local copy of lightly's pretrained file (`weights_file`, e.g. from $POOLWATCH_WEIGHTS);
 3. lightly's pretrained weights for the architecture (when `lightly.pre_trained`): a copy saved in
    `<shared_dir>/models/`, torch hub's cache, else lightly's URL (short timeout), saved in both;
@@ -186,7 +187,8 @@ def _write_atomic(dest: Path, data: bytes) -> None:
     os.replace(tmp, dest)
 
 
-def load_model(spec: ModelSpec, *, models_dir: Path, checkpoint: Path | None = None, weights_file: Path | None = None,
+def load_model(spec: ModelSpec, *, models_dir: Path, checkpoint: Path | None = None, trained: Path | None = None,
+               weights_file: Path | None = None,
                pretrained: bool = True, seed: int = 1, hub_dir: Path | None = None,
                timeout: float = DOWNLOAD_TIMEOUT_S) -> LoadedModel:
     """Build the model and load its weights (see the module docstring for the order)."""
@@ -200,6 +202,9 @@ def load_model(spec: ModelSpec, *, models_dir: Path, checkpoint: Path | None = N
     if checkpoint is not None:
         load_state(module, _torch_load(checkpoint), spec, str(checkpoint))
         return _finish(module, spec, "checkpoint", str(checkpoint), checkpoint, notes)
+    if trained is not None:
+        load_state(module, _torch_load(trained), spec, str(trained))
+        return _finish(module, spec, "trained", str(trained), trained, notes)
     if weights_file is not None:
         load_state(module, _torch_load(weights_file), spec, str(weights_file))
         return _finish(module, spec, "pretrained", str(weights_file), weights_file, notes)

@@ -146,7 +146,7 @@ def sample_run(store: Store, config: Config, *, trigger: str, now: datetime | No
     runs_dir = shared / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     if model_id is None:
-        model = store.current_model()
+        model = store.sampling_model()
         if model is None:
             raise SamplingError("no model and no embeddings yet: run `poolwatch ingest` first, or give embeddings=FILE")
         model_id = model.id

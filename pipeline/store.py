@@ -355,6 +355,48 @@ class Store:
         row = self.conn.execute("SELECT id FROM models WHERE is_current = 1").fetchone()
         return self.model(int(row[0])) if row else None
 
+    def models(self) -> list[ModelRecord]:
+        return [m for m in (self.model(int(r[0])) for r in self.conn.execute("SELECT id FROM models ORDER BY id")) if m]
+
+    def coverage(self, model_id: int) -> tuple[int, int]:
+        """(ok images with a vector of this model, ok images) - re-embedding progress."""
+        row = self.conn.execute(
+            "SELECT COUNT(*), COUNT(e.image_id) FROM images i LEFT JOIN embeddings e"
+            " ON e.image_id = i.id AND e.model_id = ? WHERE i.status = 'ok' AND i.root NOT LIKE 'embeddings:%'",
+            (model_id,),
+        ).fetchone()
+        return int(row[1]), int(row[0])
+
+    def sampling_model(self) -> ModelRecord | None:
+        """The model a sampling run uses: the current one once every `ok` image has its vector; until
+        then (re-embedding in progress) the newest model that still covers every `ok` image, so a run
+        never mixes vectors of two models."""
+        current = self.current_model()
+        if current is None:
+            return None
+        done, total = self.coverage(current.id)
+        if done >= total:
+            return current
+        for model in reversed(self.models()):
+            if model.id != current.id and model.source != "imported" and self.coverage(model.id)[0] >= total:
+                return model
+        return current
+
+    def drop_old_vectors(self) -> int:
+        """Once the current model covers every `ok` image, delete other models' vectors (imported ones stay)."""
+        current = self.current_model()
+        if current is None:
+            return 0
+        done, total = self.coverage(current.id)
+        if done < total:
+            return 0
+        with self.transaction():
+            cur = self.conn.execute(
+                "DELETE FROM embeddings WHERE model_id != ? AND model_id IN (SELECT id FROM models WHERE source != 'imported')",
+                (current.id,),
+            )
+            return cur.rowcount
+
     # ---- embeddings -----------------------------------------------------------------------
     def put_embedding(self, image_id: int, model_id: int, vector: np.ndarray) -> None:
         vec = np.ascontiguousarray(vector, dtype=np.float32)
@@ -504,6 +546,8 @@ class Store:
             "images": self.counts_by_status(),
             "corrupt_by_reason": self.corrupt_by_reason(),
             "embedded": self.count_embeddings(model.id) if model else 0,
+            "reembedding": None if model is None else dict(zip(("done", "total"), self.coverage(model.id))),
+            "sampling_model_id": (self.sampling_model() or model).id if model else None,
             "datapools": self.pools(),
             "last_run": next(({k: r[k] for k in ("id", "trigger", "status", "started", "finished", "n_candidates",
                                 "n_selected", "pool", "output_dir", "error")} for r in self.runs(1)), None),
