@@ -4,8 +4,11 @@ With inotify a file is complete when it is closed after writing (IN_CLOSE_WRITE)
 tree (the `cp tmp && mv` pattern); creation and modification events are ignored because a close
 follows. Where no close events exist (`watch.polling=true`, or the automatic fallback when inotify
 watches run out), a file is complete once its size and mtime have not changed for
-`watch.settle_seconds` (the `Settler`). Deletions become `deleted` items; the worker confirms the file
-is really gone before marking it missing.
+`watch.settle_seconds` (the `Settler`). A folder created in the tree gets its inotify watch only
+after it appears, so files written into it at once (`mkdir d && cp x d/`, `cp -r`) may have been
+closed before anyone watched: the files found in a new folder go to the Settler too, and their close
+event, when one comes, hands them on sooner. Deletions become `deleted` items; the worker confirms
+the file is really gone before marking it missing.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from watchdog.events import (
+    DirCreatedEvent,
     DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
@@ -32,7 +36,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from poolwatch.pipeline.ingest import discover, is_ignored, is_image_name
+from poolwatch.pipeline.ingest import InputDirError, discover, is_ignored, is_image_name
 
 from .ingest_queue import IngestQueue, Item
 
@@ -93,6 +97,16 @@ class _Handler(FileSystemEventHandler):
             return None
         return "/".join(parts)
 
+    def _in_tree(self, path: str) -> bool:
+        """A folder inside the root whose own path is not ignored (no `.tmp-x/` and the like)."""
+        try:
+            rel = os.path.relpath(path, self.root)
+        except ValueError:
+            return False
+        if rel.startswith("..") or rel == ".":
+            return False
+        return not any(is_ignored(p, self.watcher.ignore_patterns) for p in rel.split(os.sep))
+
     def on_any_event(self, event: FileSystemEvent) -> None:
         try:
             self._dispatch(event)
@@ -104,8 +118,14 @@ class _Handler(FileSystemEventHandler):
         if isinstance(event, DirMovedEvent):
             # A folder moved into the tree brings its files with it, without events of their own.
             dest = os.fsdecode(event.dest_path)
-            if os.path.commonpath([dest, self.root]) == self.root:
+            if self._in_tree(dest):
                 w.scan_subtree(self.root, dest)
+            return
+        if isinstance(event, DirCreatedEvent):
+            # Its watch was added just now: what was written into it before has no events of ours.
+            src = os.fsdecode(event.src_path)
+            if not w.polling and self._in_tree(src):
+                w.settle_subtree(self.root, src)
             return
         if event.is_directory:
             return
@@ -154,11 +174,23 @@ class Watcher:
         self.settler.forget(root, relpath)
         self.queue.put(Item(root, relpath, "deleted"), timeout=60)
 
+    def _subtree(self, root: str, path: str) -> list[str]:
+        """Relpaths (to root) of the image files under `path`; none when it is already gone."""
+        try:
+            refs = list(discover(Path(path), self.ignore_patterns))
+        except InputDirError:
+            return []
+        return [os.path.relpath(os.path.join(path, ref.relpath), root).replace(os.sep, "/") for ref in refs]
+
     def scan_subtree(self, root: str, path: str) -> None:
-        base = Path(path)
-        for ref in discover(base, self.ignore_patterns):
-            rel = os.path.relpath(os.path.join(path, ref.relpath), root).replace(os.sep, "/")
+        """A folder moved into the tree: its files are complete."""
+        for rel in self._subtree(root, path):
             self.complete(root, rel)
+
+    def settle_subtree(self, root: str, path: str) -> None:
+        """A folder just created: its files may still be written; complete at their close or once settled."""
+        for rel in self._subtree(root, path):
+            self.settler.touch(root, rel)
 
     def start(self) -> None:
         self.observer = self._make_observer(self.polling)
@@ -204,8 +236,7 @@ class Watcher:
             return False
 
     def tick(self) -> None:
-        if self.polling:
-            self.settler.tick()
+        self.settler.tick()  # polling: every file; inotify: files found in new folders
 
     def alive(self) -> bool:
         return self.observer is not None and self.observer.is_alive()
