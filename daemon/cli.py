@@ -18,7 +18,7 @@ from pathlib import Path
 from poolwatch import __version__
 from poolwatch.pipeline.config import Config, ConfigError, load_config
 from poolwatch.pipeline.coreset import SamplingError
-from poolwatch.pipeline.embed import ModelError
+from poolwatch.pipeline.errors import ModelError
 from poolwatch.pipeline.export import ExportError
 from poolwatch.pipeline.store import Store, StoreError
 

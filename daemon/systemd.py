@@ -35,7 +35,8 @@ class Notifier:
         if self._sock is None:
             return
         try:
-            self._sock.sendto("\n".join(lines).encode(), self.address)
+            # Non-blocking: a reader that stops reading must never stall the main loop.
+            self._sock.sendto("\n".join(lines).encode(), socket.MSG_DONTWAIT, self.address)
         except OSError as exc:
             log.warning("sd_notify failed: %s", exc)
 

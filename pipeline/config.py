@@ -11,6 +11,7 @@ is allowed.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import re
 from importlib import resources
@@ -277,8 +278,15 @@ def default_config_text() -> str:
 
 
 def lightly_cli_defaults() -> dict[str, Any]:
-    """lightly's own CLI config (lightly/cli/config/config.yaml): the schema of `lightly.*`."""
-    text = resources.files("lightly.cli.config").joinpath("config.yaml").read_text(encoding="utf-8")
+    """lightly's own CLI config (lightly/cli/config/config.yaml): the schema of `lightly.*`.
+
+    Found through the package's location, without importing lightly (which imports torch: seconds).
+    """
+    spec = importlib.util.find_spec("lightly")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("lightly: the lightly package is not installed (pip install lightly)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "cli" / "config" / "config.yaml"
+    text = path.read_text(encoding="utf-8")
     data = yaml.safe_load(text)
     # i/o keys are poolwatch's own top-level keys; hydra's block configures hydra itself.
     for key in ("input_dir", "output_dir", "embeddings", "checkpoint", "label_dir", "label_names_file", "hydra"):

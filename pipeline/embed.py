@@ -32,13 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import ModelError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DOWNLOAD_TIMEOUT_S = 10.0
-
-
-class ModelError(ValueError):
-    """The model cannot be built or its weights cannot be loaded; the message is one line."""
 
 
 @dataclass(frozen=True)
