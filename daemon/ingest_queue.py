@@ -1,6 +1,9 @@
-"""The ingest queue: paths waiting for the worker, de-duplicated, bounded, FIFO.
+"""The ingest queue: paths waiting for the worker, de-duplicated, bounded, FIFO, in two lanes.
 
-A path enqueued twice before the worker takes it is processed once. `put` blocks while the queue is
+Fresh files (watcher events) go in the foreground lane; reconcile scans and re-embedding put theirs in
+the background lane, which the worker serves only when the foreground is empty - so new files keep
+arriving promptly while the store is re-embedded. A path enqueued twice before the worker takes it is
+processed once (a foreground put promotes a queued background item). `put` blocks while its lane is
 full (back-pressure on the watcher and the scans) until `timeout`, so memory stays bounded; a path
 that could not be queued is caught by the next reconcile scan.
 """
@@ -23,45 +26,56 @@ class Item:
 class IngestQueue:
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
-        self._items: OrderedDict[tuple[str, str], Item] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], Item] = OrderedDict()  # foreground
+        self._background: OrderedDict[tuple[str, str], Item] = OrderedDict()
         self._cond = threading.Condition()
         self._closed = False
 
     def __len__(self) -> int:
         with self._cond:
-            return len(self._items)
+            return len(self._items) + len(self._background)
 
-    def put(self, item: Item, timeout: float | None = None) -> bool:
+    def background_len(self) -> int:
+        with self._cond:
+            return len(self._background)
+
+    def put(self, item: Item, timeout: float | None = None, background: bool = False) -> bool:
         key = (item.root, item.relpath)
         with self._cond:
             if key in self._items:
                 self._items[key] = item  # the latest event wins (a delete after a create, ...)
                 return True
+            if background and key in self._background:
+                self._background[key] = item
+                return True
+            lane = self._background if background else self._items
             deadline = None if timeout is None else time.monotonic() + timeout
-            while len(self._items) >= self.maxsize and not self._closed:
+            while len(lane) >= self.maxsize and not self._closed:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
                 self._cond.wait(remaining)
             if self._closed:
                 return False
-            self._items[key] = item
+            self._background.pop(key, None)
+            lane[key] = item
             self._cond.notify_all()
             return True
 
     def get_batch(self, max_items: int, max_wait: float, idle_timeout: float) -> list[Item]:
         """Up to max_items: waits up to idle_timeout for the first, then at most max_wait for more."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._items or self._closed, idle_timeout):
+            if not self._cond.wait_for(lambda: self._items or self._background or self._closed, idle_timeout):
                 return []
             deadline = time.monotonic() + max_wait
-            while len(self._items) < max_items and not self._closed:
+            while len(self._items) + len(self._background) < max_items and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self._cond.wait(remaining):
                     break
             batch = []
-            while self._items and len(batch) < max_items:
-                batch.append(self._items.popitem(last=False)[1])
+            for lane in (self._items, self._background):
+                while lane and len(batch) < max_items:
+                    batch.append(lane.popitem(last=False)[1])
             self._cond.notify_all()
             return batch
 

@@ -44,6 +44,8 @@ class Metrics:
         self.pool_size = Gauge("poolwatch_datapool_size", "Members of each datapool", ["pool"], registry=r)
         self.model_info = Info("poolwatch_model", "The current embedding model", registry=r)
         self.model_dim = Gauge("poolwatch_model_embedding_dimension", "Embedding size of the current model", registry=r)
+        self.reembedding = Gauge("poolwatch_reembedding_progress_ratio",
+                                 "Share of ok images with a vector of the current model (1 = sampling uses it)", registry=r)
         self.reloads = Counter("poolwatch_config_reloads_total", "Configuration reloads (SIGHUP), by outcome", ["outcome"], registry=r)
         self.outages = Counter("poolwatch_watcher_outages_total", "Input directories that went missing/unreadable", ["root"], registry=r)
         self.outage_active = Gauge("poolwatch_watcher_outage", "1 while an input directory is missing/unreadable", ["root"], registry=r)

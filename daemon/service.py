@@ -37,8 +37,12 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 0.25
 MAX_RESTARTS = 5  # per component within RESTART_WINDOW; beyond it the daemon exits non-zero
 RESTART_WINDOW = 600.0
-# Settings that need a new model or a new store; a reload keeps the running values and says so.
-FIXED_ON_RELOAD = ("shared_dir", "store", "metrics", "checkpoint", "device", "seed")
+# Settings that need a new store or server; a reload keeps the running values and says so.
+FIXED_ON_RELOAD = ("shared_dir", "store", "metrics")
+# Settings that make a new model: a reload loads it, and the store is re-embedded in the background.
+MODEL_KEYS = ("checkpoint", "device", "seed")
+LIGHTLY_MODEL_KEYS = ("model", "collate", "pre_trained")
+COVERAGE_EVERY = 5.0  # seconds between re-embedding progress checks
 
 
 class Service:
@@ -56,6 +60,7 @@ class Service:
         self._outages: set[str] = set()
         self._reconcile_thread: threading.Thread | None = None
         self._next_reconcile = 0.0
+        self._next_coverage = 0.0
 
     # ---- signals: record only -----------------------------------------------------------------
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -92,10 +97,7 @@ class Service:
             self.model_id = activate_model(store, self.embedder)
             for pool, size in store.pools().items():
                 self.metrics.pool_size.labels(pool).set(size)
-        m = self.embedder.model
-        self.metrics.model_info.info({"source": m.source, "name": m.spec.name, "dim": str(m.spec.num_ftrs),
-                                      "input_size": str(m.spec.input_size), "weights": m.weights_hash[:12]})
-        self.metrics.model_dim.set(m.spec.num_ftrs)
+        self._publish_model()
         self.executor = runtime.decode_executor(cfg)
         self.queue = IngestQueue(cfg.watch.queue_size)
         self.worker = self._make_worker()
@@ -120,6 +122,13 @@ class Service:
             return self._loop()
         finally:
             self._shutdown()
+
+    def _publish_model(self) -> None:
+        m = self.embedder.model
+        self.metrics.model_info.info({"source": m.source, "name": m.spec.name, "dim": str(m.spec.num_ftrs),
+                                      "input_size": str(m.spec.input_size), "weights": m.weights_hash[:12],
+                                      "model_id": str(self.model_id)})
+        self.metrics.model_dim.set(m.spec.num_ftrs)
 
     def _make_worker(self) -> Worker:
         cfg = self.config
@@ -152,6 +161,8 @@ class Service:
             self._check_roots()
             if time.monotonic() >= self._next_reconcile:
                 self._start_reconcile()
+            if time.monotonic() >= self._next_coverage:
+                self._check_coverage()
             code = self._supervise()
             if code is not None:
                 return code
@@ -215,6 +226,19 @@ class Service:
         self.watcher.start()
         self._start_reconcile()
 
+    def _check_coverage(self) -> None:
+        """Re-embedding progress; once the current model covers every image, older vectors go."""
+        self._next_coverage = time.monotonic() + COVERAGE_EVERY
+        try:
+            with Store.open(self.config.store_path, float(self.config.store.busy_timeout)) as store:
+                done, total = store.coverage(self.model_id)
+                self.metrics.reembedding.set(done / total if total else 1.0)
+                if done >= total and not self.sampler.running and store.drop_old_vectors():
+                    log.info("re-embedding complete (%d images): sampling now uses model %d; older vectors removed",
+                             total, self.model_id)
+        except Exception:  # noqa: BLE001 - progress reporting must not take the daemon down
+            log.warning("could not check re-embedding progress", exc_info=True)
+
     # ---- input roots: outages and reconcile scans ---------------------------------------------
     def _check_roots(self) -> None:
         for root in map(str, self.config.input_paths):
@@ -260,11 +284,12 @@ class Service:
                         continue
                     todo, gone = plan(store, root, found, self.model_id)
                     for ref in todo:
-                        if self._stop_requested or not self.queue.put(Item(ref.root, ref.relpath), timeout=60):
+                        if self._stop_requested or not self.queue.put(Item(ref.root, ref.relpath), timeout=60,
+                                                                      background=True):
                             return
                         queued += 1
                     for rel in gone:
-                        self.queue.put(Item(str(root), rel, "deleted"), timeout=60)
+                        self.queue.put(Item(str(root), rel, "deleted"), timeout=60, background=True)
                     gone_total += len(gone)
             self.metrics.discovered.inc(queued)
         except Exception:  # noqa: BLE001 - a failed scan is retried at the next interval
@@ -282,16 +307,14 @@ class Service:
             return
         old = self.config
         kept = [k for k in FIXED_ON_RELOAD if getattr(new, k) != getattr(old, k)]
-        model_keys = ("model", "collate", "pre_trained")
-        lightly = dict(new.lightly)
-        if any(new.lightly.get(k) != old.lightly.get(k) for k in model_keys):
-            kept.append("lightly.model/collate/pre_trained")
-            for k in model_keys:
-                lightly[k] = old.lightly[k]
-        new = new.model_copy(update={**{k: getattr(old, k) for k in FIXED_ON_RELOAD}, "lightly": lightly})
+        new = new.model_copy(update={k: getattr(old, k) for k in FIXED_ON_RELOAD})
         if kept:
-            log.warning("reload: %s cannot change while running (new model or store); restart poolwatch to apply",
-                        ", ".join(kept))
+            log.warning("reload: %s cannot change while running; restart poolwatch to apply", ", ".join(kept))
+        model_changed = (any(getattr(new, k) != getattr(old, k) for k in MODEL_KEYS)
+                         or any(new.lightly.get(k) != old.lightly.get(k) for k in LIGHTLY_MODEL_KEYS))
+        if model_changed and not self._switch_model(new):
+            self.metrics.reloads.labels("failed").inc()
+            return
         self.config = new
         if new.input_dir != old.input_dir or new.watch != old.watch:
             log.info("reload: restarting the watcher for the new input dirs / watch settings")
@@ -304,13 +327,37 @@ class Service:
         self.worker.batch_size = new.batch_size
         self.worker.max_batch_wait = float(new.watch.max_batch_wait)
         self.worker.remove_duplicates = new.remove_exact_duplicates
-        self.worker.settings = runtime.decode_settings(new)
+        self.worker.set_model(self.embedder, self.model_id, runtime.decode_settings(new))
         if new.schedule != old.schedule:
             self.scheduler.apply(new.schedule)
         self.metrics.reloads.labels("ok").inc()
         self.notifier.notify("RELOADING=0", "STATUS=configuration reloaded")
         log.info("configuration reloaded (method %s, n_samples %s, min_distance %s, schedule %s)", new.method,
                  new.stopping_condition.n_samples, new.stopping_condition.min_distance, self.scheduler.description)
+
+    def _switch_model(self, new: Config) -> bool:
+        """Load the model the new configuration asks for and make it current; new files use it at once,
+        the store is re-embedded in the background, sampling keeps the old model until that is done."""
+        from poolwatch.pipeline.embed import ModelError
+
+        try:
+            embedder = runtime.load_embedder(new)
+        except (ModelError, ConfigError) as exc:
+            log.error("reload failed, keeping the running configuration and model: %s", exc)
+            return False
+        with Store.open(new.store_path, float(new.store.busy_timeout)) as store:
+            model_id = activate_model(store, embedder)
+            done, total = store.coverage(model_id)
+        if model_id == self.model_id:
+            log.info("reload: the model is unchanged (same weights and input size)")
+            return True
+        log.info("reload: model %d (%s) is now current; re-embedding %d of %d images in the background, "
+                 "sampling uses model %d until then", model_id, embedder.model.source, total - done, total, self.model_id)
+        self.embedder, self.model_id = embedder, model_id
+        self.worker.set_model(embedder, model_id, runtime.decode_settings(new))
+        self._publish_model()
+        self._start_reconcile(force=True)
+        return True
 
     # ---- stopping -----------------------------------------------------------------------------
     def _graceful_stop(self) -> int:

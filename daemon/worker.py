@@ -40,6 +40,7 @@ class Worker(threading.Thread):
         self.metrics = metrics
         self.is_outage = is_outage
         self._stop_event = threading.Event()
+        self._model_lock = threading.Lock()
         self.last_progress = time.monotonic()
         self.busy = False
         self.batches = 0
@@ -49,17 +50,27 @@ class Worker(threading.Thread):
         """Finish the batch in hand, then stop."""
         self._stop_event.set()
 
+    def set_model(self, embedder: Embedder, model_id: int, settings: DecodeSettings) -> None:
+        """Use another model from the next batch on (a batch already decoding keeps the one it began with)."""
+        with self._model_lock:
+            self.embedder, self.model_id, self.settings = embedder, model_id, settings
+
+    def _model(self) -> tuple[Embedder, int, DecodeSettings]:
+        with self._model_lock:
+            return self.embedder, self.model_id, self.settings
+
     def run(self) -> None:
         store = Store.open(self.store_path, self.busy_timeout)
-        pending: tuple[list[FileRef], list[Future[Decoded]] | list[Decoded]] | None = None
+        pending: tuple | None = None  # (model snapshot, refs, decoding)
         try:
             while not self._stop_event.is_set():
                 items = self.queue.get_batch(self.batch_size, 0.0 if pending else self.max_batch_wait,
                                              0.0 if pending else 0.5)
                 self.metrics.queue_depth.set(len(self.queue))
                 self.busy = bool(items or pending)
-                refs = self._prepare(store, items) if items else []
-                nxt = (refs, self._submit(refs)) if refs else None
+                model = self._model()
+                refs = self._prepare(store, items, model[1]) if items else []
+                nxt = (model, refs, self._submit(refs, model[2])) if refs else None
                 if pending is not None:
                     self._finish(store, *pending)
                 pending = nxt
@@ -73,7 +84,7 @@ class Worker(threading.Thread):
         finally:
             store.close()
 
-    def _prepare(self, store: Store, items: list[Item]) -> list[FileRef]:
+    def _prepare(self, store: Store, items: list[Item], model_id: int) -> list[FileRef]:
         """Deletions are applied at once; files whose identity is unchanged are skipped."""
         refs: list[FileRef] = []
         gone: dict[str, list[str]] = {}
@@ -94,7 +105,7 @@ class Worker(threading.Thread):
                 continue
             row = store.image_by_path(item.root, item.relpath)
             if row and row["size"] == st.st_size and row["mtime_ns"] == st.st_mtime_ns and row["status"] != "missing" \
-                    and (row["status"] != "ok" or store.has_vector(int(row["id"]), self.model_id)):
+                    and (row["status"] != "ok" or store.has_vector(int(row["id"]), model_id)):
                 continue
             refs.append(FileRef(item.root, item.relpath, st.st_size, st.st_mtime_ns))
         if gone:
@@ -104,15 +115,17 @@ class Worker(threading.Thread):
                     self.metrics.missing.inc(n)
         return refs
 
-    def _submit(self, refs: list[FileRef]) -> list[Future[Decoded]] | list[Decoded]:
+    def _submit(self, refs: list[FileRef], settings: DecodeSettings) -> list[Future[Decoded]] | list[Decoded]:
         if self.executor is None:
-            return [read_and_decode(r, self.settings) for r in refs]
-        return [self.executor.submit(read_and_decode, r, self.settings) for r in refs]
+            return [read_and_decode(r, settings) for r in refs]
+        return [self.executor.submit(read_and_decode, r, settings) for r in refs]
 
-    def _finish(self, store: Store, refs: list[FileRef], decoding: list) -> None:
+    def _finish(self, store: Store, model: tuple[Embedder, int, DecodeSettings], refs: list[FileRef],
+                decoding: list) -> None:
+        embedder, model_id, _ = model
         start = time.perf_counter()
         decoded = [d.result() if isinstance(d, Future) else d for d in decoding]
-        result = commit_batch(store, self.embedder, self.model_id, decoded, self.remove_duplicates)
+        result = commit_batch(store, embedder, model_id, decoded, self.remove_duplicates)
         seconds = time.perf_counter() - start
         self.batches += 1
         self.metrics.observe_batch(len(decoded), seconds, result.compute_seconds)
