@@ -179,10 +179,20 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     if model:
         print(f"model   {model['arch']['name']} d{model['dim']} @{model['input_size']}px, source {model['source']} "
               f"({model['detail']}), {data['embedded']} embedded")
+        progress = data.get("reembedding") or {}
+        if progress and progress["done"] < progress["total"]:
+            print(f"        re-embedding: {progress['done']} of {progress['total']} images have vectors of this model; "
+                  f"sampling uses model {data['sampling_model_id']} until then")
         if model["source"] == "random":
             print("        WARNING: random weights; set checkpoint= or enable_training=true for meaningful embeddings")
     else:
         print("model   none yet")
+    for pool, size in data.get("datapools", {}).items():
+        print(f"pool    {pool}: {size} members")
+    run = data.get("last_run")
+    if run:
+        print(f"run     last: {run['id']} ({run['trigger']}, {run['status']}), selected {run['n_selected']} of "
+              f"{run['n_candidates']}, {run['output_dir'] or run['error']}")
     return EXIT_OK
 
 
