@@ -92,6 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreError as exc:
         print(f"poolwatch: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:
+        # disk full, permissions, a vanished dir: one clear line; what was committed stays consistent
+        print(f"poolwatch: error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
+        log.debug("details", exc_info=True)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
 

@@ -144,7 +144,6 @@ def sample_run(store: Store, config: Config, *, trigger: str, now: datetime | No
     stages: dict[str, float] = {}
     shared = config.shared_path
     runs_dir = shared / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
     if model_id is None:
         model = store.sampling_model()
         if model is None:
@@ -152,9 +151,11 @@ def sample_run(store: Store, config: Config, *, trigger: str, now: datetime | No
         model_id = model.id
     pool = config.datapool.name or None
     run_id = store.begin_run(trigger=trigger, config_json=config.to_json(), method=config.method, pool=pool, model_id=model_id)
-    name = run_folder_name(runs_dir, now or datetime.now())
-    tmp = runs_dir / f"{TMP_PREFIX}{name}"
+    tmp: Path | None = None
     try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        name = run_folder_name(runs_dir, now or datetime.now())
+        tmp = runs_dir / f"{TMP_PREFIX}{name}"
         t = time.perf_counter()
         pool_ids = store.pool_members(pool) if pool else []
         fixed_ids = sorted(set(pool_ids) | set(preselected or []))
@@ -197,7 +198,8 @@ def sample_run(store: Store, config: Config, *, trigger: str, now: datetime | No
                          output_dir=str(runs_dir / name), stats=stats, decisions=decisions, pool=pool,
                          pool_add=[int(i) for i in picked])
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         store.fail_run(run_id, f"{type(exc).__name__}: {exc}")
         raise
     os.replace(tmp, runs_dir / name)
