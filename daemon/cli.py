@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "run":
+        # Before the heavy imports: a signal during start-up is recorded, not fatal (nor ignored as PID 1).
+        from .signals import SignalRecorder
+
+        args.signals = SignalRecorder().install()
     if args.command == "datapool":
         # argparse cannot tell `NAME FILE` from `key=value`; the `=` does.
         words = [w for w in args.words if "=" not in w]
@@ -460,7 +465,7 @@ def cmd_config(config: Config, args: argparse.Namespace) -> int:
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
     from .service import Service
 
-    return Service(config, list(args.overrides), args.config).run()
+    return Service(config, list(args.overrides), args.config, signals=args.signals).run()
 
 
 def cmd_trigger(config: Config, args: argparse.Namespace) -> int:

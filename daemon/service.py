@@ -14,7 +14,6 @@ import signal
 import threading
 import time
 from pathlib import Path
-from types import FrameType
 
 from prometheus_client import CollectorRegistry
 
@@ -28,6 +27,7 @@ from .lock import ShareLock
 from .metrics import Metrics, MetricsServer
 from .sampler import Sampler
 from .scheduler import Scheduler
+from .signals import SignalRecorder
 from .systemd import Notifier
 from .watcher import Watcher
 from .worker import Worker
@@ -47,34 +47,18 @@ COVERAGE_EVERY = 5.0  # seconds between re-embedding progress checks
 
 class Service:
     def __init__(self, config: Config, overrides: list[str], config_file: str | None,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, signals: SignalRecorder | None = None) -> None:
         self.config = config
         self.overrides = overrides
         self.config_file = config_file
         self.metrics = Metrics(registry)
         self.notifier = Notifier()
-        self._wake = threading.Event()
-        self._signals: list[int] = []
-        self._stop_requested = False
+        self.signals = signals or SignalRecorder()
         self._restarts: dict[str, list[float]] = {}
         self._outages: set[str] = set()
         self._reconcile_thread: threading.Thread | None = None
         self._next_reconcile = 0.0
         self._next_coverage = 0.0
-
-    # ---- signals: record only -----------------------------------------------------------------
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            if self._stop_requested:
-                os.write(2, b"poolwatch: second stop signal, exiting now\n")
-                os._exit(1)
-            self._stop_requested = True
-        self._signals.append(signum)
-        self._wake.set()
-
-    def _install_signals(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
 
     # ---- start-up -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -82,7 +66,8 @@ class Service:
         lock = ShareLock(cfg.shared_path)
         lock.acquire()  # raises LockedError with the other pid
         try:
-            self._install_signals()
+            if not self.signals.installed:
+                self.signals.install()
             return self._run(lock)
         finally:
             lock.release()
@@ -146,10 +131,9 @@ class Service:
     # ---- the loop -----------------------------------------------------------------------------
     def _loop(self) -> int:
         while True:
-            self._wake.wait(TICK_SECONDS)
-            self._wake.clear()
-            while self._signals:
-                sig = self._signals.pop(0)
+            self.signals.wake.wait(TICK_SECONDS)
+            self.signals.wake.clear()
+            for sig in self.signals.take():
                 if sig in (signal.SIGTERM, signal.SIGINT):
                     log.info("received %s: stopping gracefully (send it again to exit at once)", signal.Signals(sig).name)
                     return self._graceful_stop()
@@ -273,7 +257,7 @@ class Service:
         try:
             with Store.open(cfg.store_path, float(cfg.store.busy_timeout)) as store:
                 for root in cfg.input_paths:
-                    if self._stop_requested:
+                    if self.signals.stop_requested:
                         return
                     if str(root) in self._outages:
                         continue
@@ -284,7 +268,7 @@ class Service:
                         continue
                     todo, gone = plan(store, root, found, self.model_id)
                     for ref in todo:
-                        if self._stop_requested or not self.queue.put(Item(ref.root, ref.relpath), timeout=60,
+                        if self.signals.stop_requested or not self.queue.put(Item(ref.root, ref.relpath), timeout=60,
                                                                       background=True):
                             return
                         queued += 1

@@ -136,11 +136,15 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
                     f"{len(set(rows) - set(expected))} extra\n{log.read_text()[-3000:]}")
                 time.sleep(0.2)
             # one more run after convergence, then a graceful stop
+            deadline = time.monotonic() + 90
+            while not up(port):
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
             runs_before = q(shared, "SELECT COUNT(*) FROM runs WHERE status = 'ok'")[0][0]
             proc.send_signal(signal.SIGUSR1)
             deadline = time.monotonic() + 120
             while q(shared, "SELECT COUNT(*) FROM runs WHERE status = 'ok'")[0][0] <= runs_before:
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.2)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]

@@ -136,3 +136,23 @@ def test_second_sigterm_exits_at_once(tmp_path: Path, daemons: list[Daemon]) -> 
     with sqlite3.connect(shared / "poolwatch.db") as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert conn.execute("SELECT COUNT(*) FROM decisions").fetchone() == (0,)
+
+
+def caught_signals(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        return int(next(l for l in fh if l.startswith("SigCgt:")).split()[1], 16)
+
+
+def test_signals_during_start_up_are_kept_not_fatal(tmp_path: Path, daemons: list[Daemon]) -> None:
+    inp, shared = tmp_path / "in", tmp_path / "shared"
+    images(inp, 6)
+    d = Daemon(tmp_path, [inp], shared, "stopping_condition.n_samples=2")
+    daemons.append(d)
+    d.start(wait_ready=False)
+    # As soon as the handlers are in (long before the model is loaded), a trigger is recorded...
+    wait_for(lambda: caught_signals(d.pid) & (1 << (signal.SIGUSR1 - 1)), 30, "the early signal handlers", d)
+    assert "poolwatch daemon ready" not in d.log()
+    d.send(signal.SIGUSR1)
+    # ...and acted on once the daemon is up.
+    wait_for(lambda: query(shared, "SELECT trigger, status FROM runs") == [("signal", "ok")], 120, "the run", d)
+    assert d.stop() == 0
