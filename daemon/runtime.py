@@ -91,7 +91,8 @@ def trained_model_path(config: Config) -> Path | None:
         current = store.current_model()
     if current is None or current.source != "trained" or not current.path or not Path(current.path).is_file():
         return None
-    if current.arch != spec.arch() or current.input_size != spec.input_size:
+    arch = {k: v for k, v in current.arch.items() if k != "precision"}
+    if arch != spec.arch() or current.input_size != spec.input_size:
         log.warning("the trained model %s was made for %s @%dpx; lightly.model/collate now ask for %s @%dpx, "
                     "so it is not used", current.path, current.arch, current.input_size, spec.arch(), spec.input_size)
         return None
@@ -118,4 +119,4 @@ def load_embedder(config: Config, trained: Path | None = None):  # -> Embedder (
     device = resolve_device(config.device)
     log.info("model %s (%s: %s) on %s, input %dpx, %d-d embeddings, weights %s",
              spec.slug, model.source, model.detail, device, spec.input_size, spec.num_ftrs, model.weights_hash[:12])
-    return Embedder(model, device)
+    return Embedder(model, device, config.embedding_precision)

@@ -40,7 +40,7 @@ RESTART_WINDOW = 600.0
 # Settings that need a new store or server; a reload keeps the running values and says so.
 FIXED_ON_RELOAD = ("shared_dir", "store", "metrics")
 # Settings that make a new model: a reload loads it, and the store is re-embedded in the background.
-MODEL_KEYS = ("checkpoint", "device", "seed")
+MODEL_KEYS = ("checkpoint", "device", "seed", "embedding_precision")
 LIGHTLY_MODEL_KEYS = ("model", "collate", "pre_trained")
 COVERAGE_EVERY = 5.0  # seconds between re-embedding progress checks
 

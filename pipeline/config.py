@@ -169,6 +169,7 @@ class Config(_Section):
     shared_dir: str = "./data/shared"
     seed: StrictInt = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    embedding_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     graceful_timeout: Number = Field(30, gt=0)
     check: CheckSettings = Field(default_factory=CheckSettings)
     watch: WatchSettings = Field(default_factory=WatchSettings)

@@ -253,17 +253,35 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
-class Embedder:
-    """Batched inference with the backbone of a loaded model. Counts its forward passes."""
+PRECISIONS = ("fp32", "bf16", "fp16")
 
-    def __init__(self, model: LoadedModel, device: torch.device | str = "cpu") -> None:
+
+class Embedder:
+    """Batched inference with the backbone of a loaded model. Counts its forward passes.
+
+    `precision` other than fp32 runs the model under autocast (bf16: CPUs with AMX/AVX-512-BF16 and
+    GPUs; fp16: GPUs only). Vectors then differ slightly from fp32 ones, so the precision is part of the
+    model's identity in the store (`identity`) and vectors of two precisions never mix.
+    """
+
+    def __init__(self, model: LoadedModel, device: torch.device | str = "cpu", precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            raise ModelError(f"embedding_precision: invalid value {precision!r}; allowed: {', '.join(PRECISIONS)}")
         self.model = model
         self.device = torch.device(device)
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ModelError("embedding_precision: invalid value 'fp16'; fp16 needs a CUDA device (use bf16 or fp32)")
+        self.precision = precision
         self.backbone = model.module.backbone.to(self.device).eval()
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         self.forward_passes = 0
         self.images_embedded = 0
+
+    @property
+    def identity(self) -> str:
+        """What makes vectors comparable: the weights and, unless fp32, the precision."""
+        return self.model.weights_hash if self.precision == "fp32" else f"{self.model.weights_hash}+{self.precision}"
 
     @property
     def dim(self) -> int:
@@ -281,7 +299,13 @@ class Embedder:
             x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
             x = x.permute(0, 3, 1, 2).float().div(255)
             x = (x - self.mean) / self.std
-            out = self.backbone(x).flatten(start_dim=1)
+            if self.precision == "fp32":
+                out = self.backbone(x)
+            else:
+                dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+                with torch.autocast(self.device.type, dtype=dtype):
+                    out = self.backbone(x)
+            out = out.flatten(start_dim=1)
             self.forward_passes += 1
             self.images_embedded += len(pixels)
             return out.float().cpu().numpy()

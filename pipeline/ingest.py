@@ -265,8 +265,9 @@ class PassSummary:
 def activate_model(store: Store, embedder: Embedder) -> int:
     """Register the embedder's model in the store, make it current, return its id."""
     m = embedder.model
-    model_id = store.register_model(weights_hash=m.weights_hash, input_size=m.spec.input_size, source=m.source,
-                                    detail=m.detail, arch=m.spec.arch(), dim=m.spec.num_ftrs, path=m.path)
+    model_id = store.register_model(weights_hash=embedder.identity, input_size=m.spec.input_size, source=m.source,
+                                    detail=m.detail, arch={**m.spec.arch(), "precision": embedder.precision},
+                                    dim=m.spec.num_ftrs, path=m.path)
     current = store.current_model()
     if current is None or current.id != model_id:
         store.set_current_model(model_id)

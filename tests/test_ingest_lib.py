@@ -92,3 +92,22 @@ def test_duplicates_by_content_and_by_embedding(model, tmp_path: Path) -> None:
         assert rows["d.bmp"]["status"] == "duplicate" and rows["d.bmp"]["duplicate_of"] == rows["c.png"]["id"]
         assert rows["d.bmp"]["reason"] == "same_embedding"
         assert store.count_embeddings(model_id) == 2
+
+
+def test_bf16_vectors_are_a_model_of_their_own(model, tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(4):
+        (root / f"{i}.png").write_bytes(encode(photo(i), "PNG"))
+    with Store.open(tmp_path / "db.sqlite") as store:
+        fp32, bf16 = Embedder(model), Embedder(model, precision="bf16")
+        id32 = activate_model(store, fp32)
+        ingest_pass(store, fp32, id32, [root], DecodeSettings(input_size=32), batch_size=8)
+        id16 = activate_model(store, bf16)
+        assert id16 != id32 and store.current_model().arch["precision"] == "bf16"
+        summary = ingest_pass(store, bf16, id16, [root], DecodeSettings(input_size=32), batch_size=8)
+        assert summary.processed == 4  # re-embedded: never mixed with the fp32 vectors
+        _, a = store.vectors(id32)
+        _, b = store.vectors(id16)
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert (cos > 0.99).all() and not np.array_equal(a, b)
