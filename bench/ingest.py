@@ -61,7 +61,7 @@ def poolwatch_ingest(folder: Path, work: Path, batch: int, workers: int, extra: 
     shared = work / f"pw-{time.time_ns()}"
     cmd = [str(BIN / "poolwatch"), "ingest", "--json", f"input_dir={folder}", f"shared_dir={shared}",
            "lightly.pre_trained=false", f"lightly.loader.batch_size={batch}", f"lightly.loader.num_workers={workers}",
-           "--log-level", "WARNING", *extra]
+           *extra, "--log-level", "WARNING"]
     wall, rss, out = run_child_measured(cmd, work)
     shutil.rmtree(shared, ignore_errors=True)
     return wall, rss, json.loads(out.strip().splitlines()[-1])
