@@ -63,8 +63,7 @@ def bench_load(work: Path, n: int, dim: int) -> None:
         times = []
         for _ in range(3):
             t = time.perf_counter()
-            ids = store.candidate_ids(model_id, None, False)
-            got_ids, matrix = store.vectors(model_id, ids)
+            got_ids, matrix = store.candidate_vectors(model_id, None, False)
             times.append(time.perf_counter() - t)
             assert matrix.shape == (n, dim)
     print(f"| load all vectors for a run ({n:,}×{dim}) | {np.median(times):.2f} s (median of 3) | "

@@ -159,9 +159,10 @@ def sample_run(store: Store, config: Config, *, trigger: str, now: datetime | No
         t = time.perf_counter()
         pool_ids = store.pool_members(pool) if pool else []
         fixed_ids = sorted(set(pool_ids) | set(preselected or []))
-        cand_ids = store.candidate_ids(model_id, pool, config.datapool.process_all)
-        cand_ids = [i for i in cand_ids if i not in set(fixed_ids)]
-        cand_ids_arr, cand = store.vectors(model_id, cand_ids)
+        cand_ids_arr, cand = store.candidate_vectors(model_id, pool, config.datapool.process_all)
+        if preselected:
+            keep = ~np.isin(cand_ids_arr, np.asarray(fixed_ids, dtype=np.int64))
+            cand_ids_arr, cand = cand_ids_arr[keep], cand[keep]
         fixed_ids_arr, fixed = store.vectors(model_id, fixed_ids, ok_only=False)
         if config.normalize_embeddings:
             cand, fixed = normalize(cand), normalize(fixed)
