@@ -10,7 +10,7 @@ import pytest
 from .conftest import ROOT
 
 
-@pytest.mark.parametrize("script", ["ingest.py", "latency.py", "store.py"])
+@pytest.mark.parametrize("script", ["ingest.py", "latency.py", "store.py", "coreset.py"])
 def test_bench_smoke(script: str) -> None:
     args = [sys.executable, str(ROOT / "bench" / script), "--smoke"]
     if script == "ingest.py":

@@ -97,12 +97,13 @@ def assert_same(sel: Selection, expected: tuple[list[int], list[float], str]) ->
 MODES = ["n", "md", "md0", "both_n_first", "both_md_first"]
 
 
+@pytest.mark.parametrize("algorithm", ["plain", "pruned"])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("with_pool", [False, True], ids=["nopool", "pool"])
 @pytest.mark.parametrize("dim", [2, 32])
 @pytest.mark.parametrize("kind", ["gauss", "clusters", "duplicates", "offset_near"])
-def test_matches_brute_force(kind: str, dim: int, with_pool: bool, mode: str, seed: int) -> None:
+def test_matches_brute_force(kind: str, dim: int, with_pool: bool, mode: str, seed: int, algorithm: str) -> None:
     cand, pool = make_data(kind, dim, seed, with_pool)
     n = len(cand)
     n_samples: int | None
@@ -118,7 +119,8 @@ def test_matches_brute_force(kind: str, dim: int, with_pool: bool, mode: str, se
     else:
         n_samples, min_distance = n // 2, threshold_at(cand, pool, n // 5)
     expected = reference(cand, pool, n_samples, min_distance, seed)
-    sel = kcenter(cand, pool, n_samples=n_samples, min_distance=min_distance, seed=seed, device="cpu")
+    sel = kcenter(cand, pool, n_samples=n_samples, min_distance=min_distance, seed=seed, device="cpu",
+                  algorithm=algorithm)
     assert_same(sel, expected)
     assert sel.indices.dtype == np.int64 and sel.distances.dtype == np.float32
     if mode == "both_n_first":
@@ -296,20 +298,227 @@ def test_auto_device_matches_cpu() -> None:
 
 
 def test_memory_stays_linear() -> None:
-    n, dim, p = 200_000, 32, 5_000
+    n, dim, p = 200_000, 32, 1_000
     rng = np.random.default_rng(0)
     cand = rng.standard_normal((n, dim), dtype=np.float32)
     pool = rng.standard_normal((p, dim), dtype=np.float32)
     tracemalloc.start()
     try:
-        sel = kcenter(cand, pool, n_samples=5, min_distance=0.1, device="cpu")
+        sel = kcenter(cand, pool, n_samples=5, min_distance=0.1, device="cpu", algorithm="plain")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert len(sel.indices) == 5
     working_copy = 8 * n * dim  # the float64 copy of the candidates: 51 MB
-    assert peak < 1.6 * working_copy  # ~82 MB; N x P float32 alone would be 4 GB, N x 64 columns 51 MB
+    assert peak < 1.6 * working_copy  # ~82 MB; N x P float32 alone would be 800 MB, N x 64 columns 51 MB
     assert peak > working_copy  # tracemalloc does see numpy's buffers, so the bound above means something
+
+
+# --- the pruned algorithm: the same picks as the plain one -----------------------------------------------
+
+
+def pruning_data(kind: str, seed: int, with_pool: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Seeded data sets for plain-vs-pruned comparisons (float32, 16 dimensions unless noted)."""
+    rng = np.random.default_rng(2000 + seed)
+    dim = 16
+    if kind == "gauss":
+        cand = rng.standard_normal((200, dim))
+        pool = rng.standard_normal((12, dim))
+    elif kind == "gauss3":  # few dimensions: no speculation, float32 screen on very short rows
+        dim = 3
+        cand = rng.standard_normal((200, dim))
+        pool = rng.standard_normal((12, dim))
+    elif kind == "mixture":  # clusters of very different spreads and sizes
+        centres = rng.normal(0, 3, (12, dim))
+        spread = np.exp(rng.uniform(np.log(0.005), np.log(1.0), 12))
+        label = rng.choice(12, 200, p=rng.dirichlet(np.ones(12)))
+        cand = centres[label] + rng.standard_normal((200, dim)) * spread[label, None]
+        pool = centres[:4] + rng.standard_normal((4, dim)) * 0.1
+    elif kind == "duplicates":  # exact duplicates among the candidates and of pool members
+        base = rng.normal(0, 2, (20, dim))[rng.integers(20, size=120)] + rng.normal(0, 0.3, (120, dim))
+        pool = rng.normal(0, 2, (10, dim))
+        cand = np.concatenate([base, base[rng.integers(120, size=50)], pool[rng.integers(10, size=25)]])
+        cand = cand[rng.permutation(len(cand))]
+    elif kind == "near":  # far from the origin, exact duplicates and 1-ulp neighbours (cancellation-prone)
+        base = (1000.0 + rng.standard_normal((120, dim))).astype(np.float32)
+        near = base[rng.integers(120, size=40)].copy()
+        near[:, 0] = np.nextafter(near[:, 0], np.float32(np.inf))
+        pool = (1000.0 + rng.standard_normal((10, dim))).astype(np.float32)
+        cand = np.concatenate([base, near, base[rng.integers(120, size=25)], pool[:5]])
+        cand = cand[rng.permutation(len(cand))]
+    elif kind == "lattice":  # small integer grid: exact ties everywhere, and duplicates
+        dim = 6
+        cand = rng.integers(-1, 2, (200, dim)).astype(np.float64)
+        pool = rng.integers(-1, 2, (6, dim)).astype(np.float64)
+    elif kind == "shells":  # signed cyclic shifts of one vector at three scales: many equal distances
+        v = rng.standard_normal(dim)
+        shifts = np.stack([np.roll(v, r) for r in range(dim)])
+        signs = np.where(rng.random((4, 1, dim)) < 0.5, -1.0, 1.0)
+        one = (signs * shifts[None]).reshape(-1, dim)
+        cand = np.concatenate([one, 0.5 * one, 2.0 * one])
+        pool = np.zeros((1, dim))
+    else:
+        raise AssertionError(kind)
+    return cand.astype(np.float32), (pool.astype(np.float32) if with_pool else None)
+
+
+# Module constants that steer the pruned algorithm onto each of its code paths on small inputs.
+PATHS = {
+    "default": {},
+    # every update screens all candidates, from speculated float32 columns where the guess was right
+    "speculate": {"_SPEC_CANDIDATES": 16, "_DENSE_FRACTION": 0.0, "_FULL_FRACTION": 2.0},
+    # every update goes through the clusters (triangle test), then the float32 screen
+    "sparse": {"_DENSE_FRACTION": 2.0, "_SCREEN_MIN": 0},
+    # ... then straight to float64
+    "sparse_f64": {"_DENSE_FRACTION": 2.0, "_SCREEN_MIN": 10**9},
+    # tiny tiles everywhere (pool fold, float64 chunks, speculation), speculation with tiny candidate sets
+    "tiles": {"_CPU_TILE_BYTES": 8 * 7 * 12, "_POOL_COLUMNS": 7, "_SPEC_CANDIDATES": 8, "_DENSE_FRACTION": 0.0},
+}
+
+
+def assert_identical(got: Selection, want: Selection) -> None:
+    assert got.stop_reason == want.stop_reason
+    assert got.indices.tolist() == want.indices.tolist()
+    assert np.array_equal(got.distances, want.distances)  # float32: rounding-level differences vanish
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("with_pool", [False, True], ids=["nopool", "pool"])
+@pytest.mark.parametrize("kind", ["gauss", "gauss3", "mixture", "duplicates", "near", "lattice", "shells"])
+def test_pruned_matches_plain(monkeypatch: pytest.MonkeyPatch, kind: str, with_pool: bool, path: str) -> None:
+    cand, pool = pruning_data(kind, list(PATHS).index(path), with_pool)  # another draw for every path
+    n = len(cand)
+    plain = kcenter(cand, pool, min_distance=0.0, seed=3, device="cpu", algorithm="plain")
+    finite = plain.distances[np.isfinite(plain.distances)]
+    md = float(finite[len(finite) // 3])  # a distance that is picked: the pick at exactly min_distance
+    runs: list[dict] = [
+        {"n_samples": n // 2},  # includes the rounds where several candidates tie
+        {"min_distance": 0.0},  # to the end: every duplicate of a centre is left out
+        {"min_distance": md},
+        {"n_samples": n, "min_distance": float(np.nextafter(np.float32(md), np.float32(np.inf)))},
+        {"n_samples": n},  # everything: duplicates of centres at distance 0 last, in index order
+    ]
+    for key, value in PATHS[path].items():
+        monkeypatch.setattr(coreset, key, value)
+    for kwargs in runs:
+        want = kcenter(cand, pool, seed=3, device="cpu", algorithm="plain", **kwargs)
+        got = kcenter(cand, pool, seed=3, device="cpu", algorithm="pruned", **kwargs)
+        assert_identical(got, want)
+    if kind in ("duplicates", "near", "lattice"):
+        assert plain.stop_reason == "min_distance"  # the data do hold duplicates
+
+
+def test_pruned_paths_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not a speed test: checks that the comparisons above exercise what they claim to.
+    cand, pool = pruning_data("mixture", 1, True)
+    stats: dict = {}
+    coreset._kcenter_pruned(cand, pool, 200, None, np.random.default_rng(0), stats)
+    assert stats["evaluated"] < 0.5 * stats["picks"] * len(cand)  # the triangle test skips most distances
+    with monkeypatch.context() as m:
+        for key, value in PATHS["speculate"].items():
+            m.setattr(coreset, key, value)
+        stats = {}
+        coreset._kcenter_pruned(cand, pool, 200, None, np.random.default_rng(0), stats)
+        assert stats["batches"] >= 1 and stats["screened"] > stats["evaluated"]
+    with monkeypatch.context() as m:
+        for key, value in PATHS["sparse"].items():
+            m.setattr(coreset, key, value)
+        stats = {}
+        coreset._kcenter_pruned(cand, pool, 200, None, np.random.default_rng(0), stats)
+        assert stats["batches"] == 0 and 0 < stats["screened"] < stats["picks"] * len(cand)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pruned_matches_plain_larger_clustered(seed: int) -> None:
+    # Enough candidates for the default settings to speculate, and clusters that get tight.
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, 24)) * 2
+    spread = np.exp(rng.uniform(np.log(0.02), np.log(0.5), 40))
+    label = rng.integers(40, size=6000)
+    cand = (centres[label] + rng.standard_normal((6000, 24)) * spread[label, None]).astype(np.float32)
+    pool = cand[rng.integers(6000, size=30)] + np.float32(0.01)
+    for p in (None, pool):
+        want = kcenter(cand, p, n_samples=400, seed=seed, device="cpu", algorithm="plain")
+        stats: dict = {}
+        got = coreset._kcenter_pruned(cand, p, 400, None, np.random.default_rng(seed), stats)
+        assert got[0] == want.indices.tolist() and got[2] == want.stop_reason
+        assert np.array_equal(np.asarray(got[1], np.float32), want.distances)
+        assert stats["batches"] >= 1 and stats["evaluated"] < 0.1 * 400 * 6000
+
+
+@pytest.mark.parametrize("scale", [1e-13, 1e13])
+def test_pruned_at_extreme_scales(scale: float) -> None:
+    # The float32 screen turns itself off where float32 could underflow or overflow; picks stay the same.
+    cand, pool = pruning_data("mixture", 2, True)
+    cand64, pool64 = cand.astype(np.float64) * scale, pool.astype(np.float64) * scale
+    for kwargs in ({"n_samples": 150}, {"min_distance": 0.0}):
+        want = kcenter(cand64, pool64, device="cpu", algorithm="plain", **kwargs)
+        assert_identical(kcenter(cand64, pool64, device="cpu", algorithm="pruned", **kwargs), want)
+
+
+def test_pruned_leaves_inputs_and_blas_threads_alone() -> None:
+    cand, pool = pruning_data("gauss", 3, True)
+    cand64 = cand.astype(np.float64)  # float64 input: rows are read from it directly, never written
+    before, pool_before = cand64.copy(), pool.copy()
+    controls = coreset._openblas_thread_controls()
+    threads = [get() for get, _ in controls]
+    kcenter(cand64, pool, n_samples=100, device="cpu", algorithm="pruned")
+    assert np.array_equal(cand64, before) and np.array_equal(pool, pool_before)
+    assert [get() for get, _ in controls] == threads
+    with coreset._one_blas_thread():
+        assert all(get() == 1 for get, _ in controls)
+        with coreset._one_blas_thread():  # nested: one limit, restored by the outermost
+            assert all(get() == 1 for get, _ in controls)
+        assert all(get() == 1 for get, _ in controls)
+    assert [get() for get, _ in controls] == threads
+
+
+def test_auto_algorithm(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert coreset._prefer_pruned(1_000_000, 32, 10_000)
+    assert coreset._prefer_pruned(50_000, 32, 1024) and coreset._prefer_pruned(60_000, 128, 60_000)
+    assert not coreset._prefer_pruned(49_999, 32, 10_000)  # small inputs: set-up not repaid
+    assert not coreset._prefer_pruned(1_000_000, 16, 10_000)  # few dimensions
+    assert not coreset._prefer_pruned(1_000_000, 32, 1023)  # few picks
+    cand, pool = pruning_data("mixture", 4, True)
+    calls: list[str] = []
+    real_pruned, real_plain = coreset._kcenter_pruned, coreset._kcenter
+    monkeypatch.setattr(coreset, "_kcenter_pruned", lambda *a: calls.append("pruned") or real_pruned(*a))
+    monkeypatch.setattr(coreset, "_kcenter", lambda *a: calls.append("plain") or real_plain(*a))
+    small = kcenter(cand, pool, n_samples=100, device="cpu")
+    monkeypatch.setattr(coreset, "_AUTO_MIN_CANDIDATES", 100)
+    monkeypatch.setattr(coreset, "_AUTO_MIN_DIM", 16)
+    monkeypatch.setattr(coreset, "_AUTO_MIN_PICKS", 100)
+    large = kcenter(cand, pool, n_samples=100, device="cpu")
+    assert calls == ["plain", "pruned"]
+    assert_identical(large, small)
+
+
+def test_pruned_argument_checks() -> None:
+    cand = np.zeros((4, 2), np.float32)
+    with pytest.raises(SamplingError, match="algorithm"):
+        kcenter(cand, n_samples=2, algorithm="fast")
+    with pytest.raises(SamplingError, match="CPU"):
+        kcenter(cand, n_samples=2, device="cuda", algorithm="pruned")
+    sel = kcenter(cand, n_samples=2, device="auto", algorithm="pruned")  # "auto" means the CPU here
+    assert sel.indices.tolist() == kcenter(cand, n_samples=2, device="cpu", algorithm="plain").indices.tolist()
+    assert kcenter(np.empty((0, 3)), n_samples=2, algorithm="pruned").stop_reason == "empty"
+    assert kcenter(np.ones((1, 3)), n_samples=5, algorithm="pruned").indices.tolist() == [0]
+
+
+def test_pruned_memory_stays_below_the_plain_working_copy() -> None:
+    n, dim, p = 200_000, 32, 500
+    rng = np.random.default_rng(0)
+    cand = rng.standard_normal((n, dim), dtype=np.float32)
+    pool = rng.standard_normal((p, dim), dtype=np.float32)
+    tracemalloc.start()
+    try:
+        sel = kcenter(cand, pool, n_samples=48, device="cpu", algorithm="pruned")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(sel.indices) == 48
+    # float32 copy (N*d*4) + 16 speculated float32 columns (N*64) + vectors, no float64 copy (N*d*8).
+    assert 4 * n * dim < peak < 8 * n * dim
 
 
 # --- argument checks ------------------------------------------------------------------------------------
