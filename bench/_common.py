@@ -41,15 +41,18 @@ def make_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int = 0, quali
     return paths
 
 
-def machine() -> str:
-    model = "unknown CPU"
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return "unknown CPU"
+
+
+def machine() -> str:
+    model = cpu_model()
     gpu = "no GPU"
     try:
         import torch

@@ -141,14 +141,11 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """Like _common.machine(), plus what k-center timings depend on: usable cores, load, BLAS threads."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import cpu_model
+
+    model = cpu_model()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
