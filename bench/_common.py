@@ -1,4 +1,4 @@
-"""Shared bench helpers: seeded photo-like JPEGs, the machine's description, child RSS."""
+"""Shared bench helpers: seeded photo-like JPEGs, the machine, the daemon as a subprocess, its store and metrics."""
 
 from __future__ import annotations
 
@@ -7,6 +7,13 @@ import io
 import os
 import platform
 import resource
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +74,80 @@ def machine() -> str:
 
 def children_peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def committed(shared: Path) -> dict[str, float]:
+    """relpath -> commit time (time.time()) of every image row, read-only."""
+    db = shared / "poolwatch.db"
+    if not db.exists():
+        return {}
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return dict(conn.execute("SELECT relpath, updated FROM images"))
+    finally:
+        conn.close()
+
+
+def wait(cond: Callable[[], bool], timeout: float, what: str, poll: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(poll)
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def proc_memory_mb(pid: int) -> dict[str, float]:
+    """VmRSS, VmHWM, RssAnon, RssFile of a process, in MB."""
+    out = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def start_daemon(inp: Path, shared: Path, port: int, extra: list[str], log: Path | None = None) -> subprocess.Popen:
+    """`poolwatch run` on inp/shared; returns once /healthz answers."""
+    cmd = [str(Path(sys.executable).parent / "poolwatch"), "run", f"input_dir={inp}", f"shared_dir={shared}",
+           f"metrics.port={port}", "lightly.pre_trained=false", *extra,
+           "--log-level", "WARNING" if log is None else "INFO"]
+    out = subprocess.DEVNULL if log is None else open(log, "ab")  # noqa: SIM115 - the child owns it
+    daemon = subprocess.Popen(cmd, stdout=out, stderr=out)
+
+    def healthy() -> bool:
+        if daemon.poll() is not None:
+            raise SystemExit(f"the daemon exited with {daemon.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    wait(healthy, 120, "the daemon to start", poll=0.1)
+    return daemon
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The daemon's /metrics as {'name{label="v"}': value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return out

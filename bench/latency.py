@@ -14,48 +14,14 @@ import argparse
 import os
 import shutil
 import signal
-import socket
-import sqlite3
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, make_jpegs  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def committed(shared: Path) -> dict[str, float]:
-    db = shared / "poolwatch.db"
-    if not db.exists():
-        return {}
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
-        return dict(conn.execute("SELECT relpath, updated FROM images"))
-    finally:
-        conn.close()
-
-
-def wait(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+from _common import committed, machine, make_jpegs, pct, proc_memory_mb, start_daemon, wait  # noqa: E402
+from _common import free_port, scrape  # noqa: E402
 
 
 def main() -> None:
@@ -77,17 +43,8 @@ def main() -> None:
     n_trickle = int(args.rate * args.seconds)
     sources = make_jpegs(src, n_trickle + args.burst, (w, h), seed=3)
     port = free_port()
-    cmd = [str(Path(sys.executable).parent / "poolwatch"), "run", f"input_dir={inp}", f"shared_dir={shared}",
-           f"metrics.port={port}", "lightly.pre_trained=false", "--log-level", "WARNING", *args.arg]
-    daemon = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    daemon = start_daemon(inp, shared, port, args.arg)
     try:
-        def healthy() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-        wait(healthy, 120, "the daemon to start")
         closed: dict[str, float] = {}
         start = time.monotonic()
         for i, path in enumerate(sources[:n_trickle]):
@@ -112,14 +69,11 @@ def main() -> None:
         wait(lambda: names <= set(committed(shared)), 3600, "the burst to be committed")
         rows = committed(shared)
         done = max(rows[n] for n in names) - t
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            metrics = r.read().decode()
-        eff = [l for l in metrics.splitlines() if l.startswith('poolwatch_compute_efficiency{window="smoothed"}')]
+        eff = scrape(port).get('poolwatch_compute_efficiency{window="smoothed"}')
         print(f"| burst of {args.burst} files ({w}x{h}, written in {written:.1f} s) | {args.burst / done:.1f} images/s | "
-              f"all committed after {done:.1f} s | {eff[0].split()[-1] if eff else '?'} compute efficiency (smoothed) |")
-        with open(f"/proc/{daemon.pid}/status") as fh:
-            hwm = [l for l in fh if l.startswith(("VmHWM", "VmRSS"))]
-        print("daemon memory: " + ", ".join(l.split(":")[0] + " " + l.split(":")[1].strip() for l in hwm))
+              f"all committed after {done:.1f} s | {eff if eff is not None else '?'} compute efficiency (smoothed) |")
+        mem = proc_memory_mb(daemon.pid)
+        print("daemon memory: " + ", ".join(f"{k} {v:.0f} MB" for k, v in mem.items()))
         daemon.send_signal(signal.SIGTERM)
         print(f"SIGTERM -> exit {daemon.wait(timeout=60)}")
     finally:

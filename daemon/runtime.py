@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 from pathlib import Path
 
 from poolwatch.pipeline.config import Config
@@ -39,14 +39,25 @@ def decode_settings(config: Config) -> DecodeSettings:
     )
 
 
+def decode_timeout(config: Config) -> float | None:
+    seconds = float(config.check.decode_timeout)
+    return seconds if seconds > 0 else None
+
+
 def decode_executor(config: Config) -> Executor | None:
-    """A process pool for decoding; forkserver so workers never inherit the parent's threads or torch."""
+    """A process pool for decoding, each file under check.decode_timeout; forkserver so that workers never
+    inherit the parent's threads or torch."""
+    from .decode_pool import DecodePool
+
     workers = num_workers(config)
     if workers <= 0:
+        if decode_timeout(config) is not None:
+            log.warning("lightly.loader.num_workers=0 decodes in this process: check.decode_timeout cannot be "
+                        "enforced, a file that hangs its decoder stops ingest")
         return None
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["poolwatch.pipeline.decode"])
-    executor = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    executor = DecodePool(workers, decode_timeout(config), context)
     # Start the workers now, not on the first file: a trickle's first image must not wait for them.
     for future in [executor.submit(warm_up) for _ in range(workers)]:
         future.result()

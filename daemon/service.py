@@ -312,6 +312,8 @@ class Service:
         self.worker.max_batch_wait = float(new.watch.max_batch_wait)
         self.worker.remove_duplicates = new.remove_exact_duplicates
         self.worker.set_model(self.embedder, self.model_id, runtime.decode_settings(new))
+        if self.executor is not None and hasattr(self.executor, "timeout"):
+            self.executor.timeout = runtime.decode_timeout(new)
         if new.schedule != old.schedule:
             self.scheduler.apply(new.schedule)
         self.metrics.reloads.labels("ok").inc()

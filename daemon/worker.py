@@ -14,7 +14,7 @@ import time
 from concurrent.futures import Executor, Future
 from pathlib import Path
 
-from poolwatch.pipeline.decode import Decoded, DecodeSettings, FileRef, read_and_decode
+from poolwatch.pipeline.decode import Decoded, DecodeSettings, FileRef, collect, read_and_decode
 from poolwatch.pipeline.embed import Embedder
 from poolwatch.pipeline.ingest import commit_batch
 from poolwatch.pipeline.store import Store
@@ -124,7 +124,7 @@ class Worker(threading.Thread):
                 decoding: list) -> None:
         embedder, model_id, _ = model
         start = time.perf_counter()
-        decoded = [d.result() if isinstance(d, Future) else d for d in decoding]
+        decoded = [collect(d, r) if isinstance(d, Future) else d for d, r in zip(decoding, refs)]
         result = commit_batch(store, embedder, model_id, decoded, self.remove_duplicates)
         seconds = time.perf_counter() - start
         self.batches += 1

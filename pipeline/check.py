@@ -63,6 +63,8 @@ class Reason(str, enum.Enum):
     TRUNCATED = "truncated"
     DECODE_ERROR = "decode_error"
     TOO_LARGE = "too_large"
+    DECODE_TIMEOUT = "decode_timeout"  # decoding ran past check.decode_timeout (set by the caller, not here)
+    DECODER_CRASHED = "decoder_crashed"  # the decode worker process died on this file (set by the caller)
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,7 @@ class Datapool(_Section):
 class CheckSettings(_Section):
     max_pixels: StrictInt = Field(178_956_970, gt=0)
     apply_exif_orientation: StrictBool = True
+    decode_timeout: Number = Field(30, ge=0)
 
 
 class WatchSettings(_Section):

@@ -6,13 +6,15 @@ Kept free of torch so that decode workers in a process pool start fast and stay 
 from __future__ import annotations
 
 import os
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .check import Verdict, content_hash, inspect_image
+from .check import Reason, Verdict, content_hash, inspect_image
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,21 @@ def read_and_decode(ref: FileRef, settings: DecodeSettings) -> Decoded:
     )
     pixels = preprocess(image, settings.input_size) if image is not None else None
     return Decoded(ref, verdict, content_hash(data), pixels)
+
+
+def collect(future: Future[Decoded], ref: FileRef) -> Decoded:
+    """A pooled decode's result. A worker that ran past its time limit (and was stopped) or died on the
+    file gives that file a verdict, not an error, so one hostile file never stops a batch."""
+    try:
+        return future.result()
+    except CancelledError:
+        raise
+    except FutureTimeout:
+        return Decoded(ref, Verdict(False, Reason.DECODE_TIMEOUT.value,
+                                    "decoding ran past check.decode_timeout; the worker was stopped", None, None, None))
+    except Exception as exc:  # noqa: BLE001 - the worker process died (a crash in a native decoder) or raised
+        detail = f"the decode worker failed on this file: {type(exc).__name__}: {exc}"[:300]
+        return Decoded(ref, Verdict(False, Reason.DECODER_CRASHED.value, detail, None, None, None))
 
 
 def warm_up() -> int:

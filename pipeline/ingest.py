@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .check import IMAGE_EXTENSIONS
-from .decode import Decoded, DecodeSettings, FileRef, read_and_decode
+from .decode import Decoded, DecodeSettings, FileRef, collect, read_and_decode
 from .embed import Embedder
 from .store import ImageRecord, Store, vector_hash
 
@@ -128,13 +128,15 @@ def decode_batches(refs: Sequence[FileRef], settings: DecodeSettings, batch_size
             yield [read_and_decode(r, settings) for r in batch]
         return
     pending: list[list[Future[Decoded]]] = []
+    batch_refs: list[Sequence[FileRef]] = []
     for i, batch in enumerate(batches):
         pending.append([executor.submit(read_and_decode, r, settings) for r in batch])
+        batch_refs.append(batch)
         if i == 0 and len(batches) > 1:
             continue
-        yield [f.result() for f in pending.pop(0)]
-    for futures in pending:
-        yield [f.result() for f in futures]
+        yield [collect(f, r) for f, r in zip(pending.pop(0), batch_refs.pop(0))]
+    for futures, refs_ in zip(pending, batch_refs):
+        yield [collect(f, r) for f, r in zip(futures, refs_)]
 
 
 def commit_batch(store: Store, embedder: Embedder, model_id: int, decoded: Sequence[Decoded],
