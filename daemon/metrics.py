@@ -47,6 +47,8 @@ class Metrics:
         self.reembedding = Gauge("poolwatch_reembedding_progress_ratio",
                                  "Share of ok images with a vector of the current model (1 = sampling uses it)", registry=r)
         self.reloads = Counter("poolwatch_config_reloads_total", "Configuration reloads (SIGHUP), by outcome", ["outcome"], registry=r)
+        self.overflows = Counter("poolwatch_watcher_overflows_total",
+                                 "inotify queue overflows (lost events, each followed by a reconcile scan)", registry=r)
         self.outages = Counter("poolwatch_watcher_outages_total", "Input directories that went missing/unreadable", ["root"], registry=r)
         self.outage_active = Gauge("poolwatch_watcher_outage", "1 while an input directory is missing/unreadable", ["root"], registry=r)
         self.component_restarts = Counter("poolwatch_component_restarts_total", "Components restarted after a crash", ["component"], registry=r)

@@ -58,6 +58,7 @@ class Service:
         self._outages: set[str] = set()
         self._reconcile_thread: threading.Thread | None = None
         self._next_reconcile = 0.0
+        self._overflowed = threading.Event()
         self._next_coverage = 0.0
 
     # ---- start-up -----------------------------------------------------------------------------
@@ -126,7 +127,12 @@ class Service:
     def _make_watcher(self, cfg: Config) -> Watcher:
         return Watcher(cfg.input_paths, self.queue, polling=cfg.watch.polling,
                        settle_seconds=float(cfg.watch.settle_seconds), ignore_patterns=cfg.watch.ignore_patterns,
-                       on_discovered=self.metrics.discovered.inc)
+                       on_discovered=self.metrics.discovered.inc, on_overflow=self._on_overflow)
+
+    def _on_overflow(self) -> None:
+        """Called on the watcher's thread: the loop starts the reconcile scan."""
+        self._overflowed.set()
+        self.signals.wake.set()
 
     # ---- the loop -----------------------------------------------------------------------------
     def _loop(self) -> int:
@@ -142,6 +148,12 @@ class Service:
                 elif sig == signal.SIGHUP:
                     self.reload()
             self.watcher.tick()
+            if self._overflowed.is_set():
+                self._overflowed.clear()
+                self.metrics.overflows.inc()
+                log.warning("the inotify queue overflowed (events were lost, fs.inotify.max_queued_events); "
+                            "rescanning the input dirs")
+                self._start_reconcile(force=True)
             self._check_roots()
             if time.monotonic() >= self._next_reconcile:
                 self._start_reconcile()

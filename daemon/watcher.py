@@ -9,6 +9,10 @@ after it appears, so files written into it at once (`mkdir d && cp x d/`, `cp -r
 closed before anyone watched: the files found in a new folder go to the Settler too, and their close
 event, when one comes, hands them on sooner. Deletions become `deleted` items; the worker confirms
 the file is really gone before marking it missing.
+
+When the kernel's inotify queue overflows (more events than fs.inotify.max_queued_events before the
+observer reads them), events are lost: watchdog rebuilds its watches, and `on_overflow` tells the
+daemon, which runs a reconcile scan to find what the lost events would have said.
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
+
+try:  # Linux
+    from watchdog.observers.inotify import InotifyEmitter, InotifyObserver
+except (ImportError, OSError):  # pragma: no cover - other platforms have no inotify queue to overflow
+    InotifyEmitter = InotifyObserver = None  # type: ignore[assignment,misc]
 
 from poolwatch.pipeline.ingest import InputDirError, discover, is_ignored, is_image_name
 
@@ -149,16 +158,45 @@ class _Handler(FileSystemEventHandler):
                 w.deleted(self.root, rel)
 
 
+if InotifyObserver is not None:
+    class _OverflowAwareEmitter(InotifyEmitter):
+        """watchdog's emitter, which handles a queue overflow itself (it rebuilds its watches) but tells no
+        one; this one also calls `on_overflow`."""
+
+        def __init__(self, *args: object, on_overflow: Callable[[], None], **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            self._on_overflow = on_overflow
+
+        def on_thread_start(self) -> None:
+            super().on_thread_start()
+            group = self._inotify
+            rebuild = group.on_queue_overflow
+
+            def overflowed() -> None:
+                rebuild()
+                self._on_overflow()
+
+            group.on_queue_overflow = overflowed
+
+    class _OverflowAwareObserver(InotifyObserver):
+        def __init__(self, on_overflow: Callable[[], None]) -> None:
+            super().__init__()
+            self._emitter_class = _OverflowAwareEmitter
+            self._emitter_kwargs = {**self._emitter_kwargs, "on_overflow": on_overflow}
+
+
 class Watcher:
     """One observer over all input roots. start/stop/join; `tick()` drives settling."""
 
     def __init__(self, roots: Sequence[Path], queue: IngestQueue, *, polling: bool, settle_seconds: float,
-                 ignore_patterns: Sequence[str], on_discovered: Callable[[int], None] = lambda n: None) -> None:
+                 ignore_patterns: Sequence[str], on_discovered: Callable[[int], None] = lambda n: None,
+                 on_overflow: Callable[[], None] = lambda: None) -> None:
         self.roots = [str(r) for r in roots]
         self.queue = queue
         self.polling = polling
         self.ignore_patterns = list(ignore_patterns)
         self.on_discovered = on_discovered
+        self.on_overflow = on_overflow
         self.settler = Settler(settle_seconds, self.complete)
         self.observer: BaseObserver | None = None
         self.watched: set[str] = set()
@@ -211,7 +249,11 @@ class Watcher:
         log.info("watching %s (%s)", ", ".join(self.roots), "polling" if self.polling else "inotify")
 
     def _make_observer(self, polling: bool) -> BaseObserver:
-        return PollingObserver(timeout=1) if polling else Observer()
+        if polling:
+            return PollingObserver(timeout=1)
+        if InotifyObserver is not None and Observer is InotifyObserver:
+            return _OverflowAwareObserver(self.on_overflow)
+        return Observer()
 
     def _schedule(self, root: str) -> bool:
         assert self.observer is not None
