@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from .conftest import ROOT
 
 
-@pytest.mark.parametrize("script", ["ingest.py", "latency.py", "store.py", "coreset.py"])
-def test_bench_smoke(script: str) -> None:
+@pytest.mark.parametrize("script", ["ingest.py", "latency.py", "store.py", "coreset.py", "soak.py", "load.py"])
+def test_bench_smoke(script: str, tmp_path: Path) -> None:
     args = [sys.executable, str(ROOT / "bench" / script), "--smoke"]
     if script == "ingest.py":
         args.append("--skip-lightly")
+    if script == "load.py":
+        args += ["--cache", str(tmp_path)]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "machine:" in proc.stdout or "Machine" in proc.stdout
