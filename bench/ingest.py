@@ -7,7 +7,11 @@
 Each tool runs as its own process, end to end (start-up, model load, decode, embed, write), alternating
 A and B for --repeat rounds; medians are reported. Same model settings everywhere (resnet-18, num_ftrs 32,
 input 64, batch size --batch, --workers decode workers). Offline, lightly-embed and poolwatch both use
-random weights, which is fine for timing.
+random weights, which is fine for timing. With --fastdup-python, fastdup's whole `run()` (its own model) is
+timed on the same files too:
+
+    python3.11 -m venv /tmp/fastdup-venv && /tmp/fastdup-venv/bin/pip install fastdup
+    python bench/ingest.py --fastdup-python /tmp/fastdup-venv/bin/python
 """
 
 from __future__ import annotations
@@ -57,6 +61,18 @@ def lightly_embed(folder: Path, work: Path, batch: int, workers: int) -> tuple[f
     return wall, rss
 
 
+FASTDUP_RUN = ("import sys, fastdup; fd = fastdup.create(work_dir=sys.argv[2], input_dir=sys.argv[1]);"
+               " fd.run(overwrite=True, num_threads=int(sys.argv[3]))")
+
+
+def fastdup_run(python: Path, folder: Path, work: Path, workers: int) -> tuple[float, float]:
+    """fastdup's whole `run()` (its own model, embeddings, similarity, outliers) in its own venv."""
+    out = work / f"fastdup-{time.time_ns()}"
+    wall, rss, _ = run_child_measured([str(python), "-c", FASTDUP_RUN, str(folder), str(out), str(max(1, workers))], work)
+    shutil.rmtree(out, ignore_errors=True)
+    return wall, rss
+
+
 def poolwatch_ingest(folder: Path, work: Path, batch: int, workers: int, extra: list[str]) -> tuple[float, float, dict]:
     shared = work / f"pw-{time.time_ns()}"
     cmd = [str(BIN / "poolwatch"), "ingest", "--json", f"input_dir={folder}", f"shared_dir={shared}",
@@ -85,10 +101,14 @@ def decode_only(paths: list[Path], workers: int, input_size: int) -> float:
 
 def bench_set(label: str, folder: Path, paths: list[Path], work: Path, args: argparse.Namespace) -> None:
     n = len(paths)
-    lightly, pw, dec = [], [], []
+    lightly, pw, dec, fastdup = [], [], [], []
     pw_eff, pw_rate = [], []
-    rss = {"lightly": 0.0, "poolwatch": 0.0}
+    rss = {"lightly": 0.0, "poolwatch": 0.0, "fastdup": 0.0}
     for r in range(args.repeat):
+        if args.fastdup_python:
+            wall, mem = fastdup_run(args.fastdup_python, folder, work, args.workers)
+            fastdup.append(n / wall)
+            rss["fastdup"] = max(rss["fastdup"], mem)
         if not args.skip_lightly:
             wall, mem = lightly_embed(folder, work, args.batch, args.workers)
             lightly.append(n / wall)
@@ -105,10 +125,14 @@ def bench_set(label: str, folder: Path, paths: list[Path], work: Path, args: arg
     print("|---|---|---|")
     if lightly:
         print(f"| lightly-embed | {med(lightly):.1f} | {rss['lightly']:.0f} |")
+    if fastdup:
+        print(f"| fastdup run() | {med(fastdup):.1f} | {rss['fastdup']:.0f} |")
     print(f"| poolwatch ingest | {med(pw):.1f} (loop rate {med(pw_rate):.1f}, compute efficiency {med(pw_eff):.2f}) | {rss['poolwatch']:.0f} |")
     print(f"| decode-only (poolwatch's decoder) | {med(dec):.1f} | - |")
     if lightly:
         print(f"ratio poolwatch / lightly-embed: {med(pw) / med(lightly):.2f}x")
+    if fastdup:
+        print(f"ratio poolwatch / fastdup: {med(pw) / med(fastdup):.2f}x")
     print(f"ratio poolwatch / decode-only limit: {med(pw) / med(dec):.2f}")
 
 
@@ -121,6 +145,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "poolwatch-bench-ingest")
     ap.add_argument("--skip-lightly", action="store_true")
+    ap.add_argument("--fastdup-python", type=Path, help="python of a separate venv with fastdup installed "
+                    "(non-commercial licence: a local comparison only, never a dependency)")
     ap.add_argument("--poolwatch-arg", action="append", default=[], help="extra key=value for poolwatch")
     ap.add_argument("--smoke", action="store_true", help="tiny run to keep the script working")
     args = ap.parse_args()

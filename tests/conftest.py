@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,20 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 POOLWATCH = [sys.executable, "-m", "poolwatch.daemon.cli"]
+
+
+@pytest.fixture(autouse=True)
+def no_thread_leaks():
+    """Every thread a test starts (pools, samplers, receivers) has ended shortly after it (as watchdog's suite)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 10
+    while True:
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not leaked, f"threads left running: {[t.name for t in leaked]}"
 
 
 def photo(seed: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
