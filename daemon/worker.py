@@ -61,22 +61,28 @@ class Worker(threading.Thread):
 
     def run(self) -> None:
         store = Store.open(self.store_path, self.busy_timeout)
-        pending: tuple | None = None  # (model snapshot, refs, decoding)
+        pending: tuple | None = None  # (model snapshot, refs, decoding, {(root, relpath)})
         try:
             while not self._stop_event.is_set():
                 items = self.queue.get_batch(self.batch_size, 0.0 if pending else self.max_batch_wait,
                                              0.0 if pending else 0.5)
                 self.metrics.queue_depth.set(len(self.queue))
                 self.busy = bool(items or pending)
+                if pending is not None and any((i.root, i.relpath) in pending[3] for i in items):
+                    # A file of the batch still in flight came again (changed, deleted, or the same event
+                    # twice): commit that batch first, so it is compared with its row, not checked twice,
+                    # and a deletion is not overwritten by the older batch.
+                    self._finish(store, *pending[:3])
+                    pending = None
                 model = self._model()
                 refs = self._prepare(store, items, model[1]) if items else []
-                nxt = (model, refs, self._submit(refs, model[2])) if refs else None
+                nxt = (model, refs, self._submit(refs, model[2]), {(r.root, r.relpath) for r in refs}) if refs else None
                 if pending is not None:
-                    self._finish(store, *pending)
+                    self._finish(store, *pending[:3])
                 pending = nxt
                 self.last_progress = time.monotonic()
             if pending is not None:
-                self._finish(store, *pending)
+                self._finish(store, *pending[:3])
         except BaseException as exc:
             self.error = exc
             log.exception("ingest worker failed")

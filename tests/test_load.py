@@ -107,3 +107,27 @@ def test_inotify_overflow_is_recovered_by_a_reconcile_scan(tmp_path: Path, tiny_
     wait_for(lambda: query(shared, "SELECT status FROM images WHERE relpath = 'sub/late.jpg'") == [("ok",)], 60,
              "a file written after the overflow", d)
     assert d.stop() == 0
+
+
+def test_files_closed_again_while_in_flight_are_checked_once(tmp_path: Path) -> None:
+    """Each new file is opened for writing and closed again, over and over for a moment (an application
+    that rewrites a file's metadata in place): with the queue otherwise empty, such an event meets the file
+    in the batch still in flight. Each file is still checked and counted once, and its row is right."""
+    inp, shared = tmp_path / "in", tmp_path / "shared"
+    inp.mkdir()
+    n = 20
+    # a model slow enough (input 64) that a batch is in flight for a while
+    d = Daemon(tmp_path, [inp], shared, "watch.max_batch_wait=0", "lightly.collate.input_size=64").start()
+    for i, blob in enumerate(blobs(n, seed=20_000)):
+        path = inp / f"t{i:05d}.jpg"
+        path.write_bytes(blob)
+        until = time.monotonic() + 0.3
+        while time.monotonic() < until:
+            with open(path, "r+b"):
+                pass  # IN_CLOSE_WRITE, same size and mtime
+    wait_for(lambda: settled(shared, inp, n), 300, f"{n} files committed", d)
+    d.wait_idle()
+    consistent(shared, inp, n)
+    assert d.ingested_total() == n
+    assert d.stop() == 0
+
