@@ -256,12 +256,33 @@ def resolve_device(device: str) -> torch.device:
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+def _cpu_backbone(backbone: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy for CPU inference in channels_last with weights in `dtype`, so that oneDNN runs its blocked
+    (for bf16 its AMX / AVX-512-BF16) kernels without per-op layout changes or autocast's casts; for bf16
+    the batch norms are also folded into their convolutions. Measured at 64 px, batch 64, 2 cores: fp32
+    1.17x the plain module (differences ~1e-7, lightly-embed's vectors to float32 resolution), bf16 2.1x
+    autocast. fp32 is not folded: that moves vectors 6e-5 (relative) off lightly-embed's."""
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    if dtype == torch.float32:
+        module = copy.deepcopy(backbone)  # folding would move fp32 vectors off lightly-embed's (6e-5 relative)
+    else:
+        try:
+            module = fuse(backbone)  # a traced copy; the original (and its training) is untouched
+        except Exception:  # noqa: BLE001 - a backbone fx cannot trace still gets the layout and dtype
+            module = copy.deepcopy(backbone)
+    return module.to(dtype).to(memory_format=torch.channels_last).eval()
+
+
 class Embedder:
     """Batched inference with the backbone of a loaded model. Counts its forward passes.
 
-    `precision` other than fp32 runs the model under autocast (bf16: CPUs with AMX/AVX-512-BF16 and
-    GPUs; fp16: GPUs only). Vectors then differ slightly from fp32 ones, so the precision is part of the
-    model's identity in the store (`identity`) and vectors of two precisions never mix.
+    On the CPU it runs a folded, channels_last copy of the backbone (`_cpu_backbone`), in bf16 weights
+    for `precision=bf16` (CPUs with AMX/AVX-512-BF16); on a GPU the module itself, under autocast for
+    bf16/fp16 (fp16: GPUs only). bf16/fp16 vectors differ slightly from fp32 ones, so the precision is part
+    of the model's identity in the store (`identity`) and vectors of two precisions never mix.
     """
 
     def __init__(self, model: LoadedModel, device: torch.device | str = "cpu", precision: str = "fp32") -> None:
@@ -273,6 +294,10 @@ class Embedder:
             raise ModelError("embedding_precision: invalid value 'fp16'; fp16 needs a CUDA device (use bf16 or fp32)")
         self.precision = precision
         self.backbone = model.module.backbone.to(self.device).eval()
+        self._cpu: torch.nn.Module | None = None
+        self._cpu_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        if self.device.type == "cpu":
+            self._cpu = _cpu_backbone(self.backbone, self._cpu_dtype)
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         self.forward_passes = 0
@@ -299,7 +324,9 @@ class Embedder:
             x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
             x = x.permute(0, 3, 1, 2).float().div(255)
             x = (x - self.mean) / self.std
-            if self.precision == "fp32":
+            if self._cpu is not None:
+                out = self._cpu(x.to(self._cpu_dtype).contiguous(memory_format=torch.channels_last))
+            elif self.precision == "fp32":
                 out = self.backbone(x)
             else:
                 dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
