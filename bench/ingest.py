@@ -101,9 +101,14 @@ def decode_only(paths: list[Path], workers: int, input_size: int) -> float:
 
 def bench_set(label: str, folder: Path, paths: list[Path], work: Path, args: argparse.Namespace) -> None:
     n = len(paths)
-    lightly, pw, dec, fastdup = [], [], [], []
-    pw_eff, pw_rate = [], []
-    rss = {"lightly": 0.0, "poolwatch": 0.0, "fastdup": 0.0}
+    variants = {"poolwatch ingest": args.poolwatch_arg}
+    if args.bf16:
+        variants["poolwatch ingest, bf16"] = [*args.poolwatch_arg, "embedding_precision=bf16"]
+    lightly, dec, fastdup = [], [], []
+    pw: dict[str, list[float]] = {v: [] for v in variants}
+    pw_eff: dict[str, list[float]] = {v: [] for v in variants}
+    pw_rate: dict[str, list[float]] = {v: [] for v in variants}
+    rss = {"lightly": 0.0, "fastdup": 0.0, **{v: 0.0 for v in variants}}
     for r in range(args.repeat):
         if args.fastdup_python:
             wall, mem = fastdup_run(args.fastdup_python, folder, work, args.workers)
@@ -113,11 +118,12 @@ def bench_set(label: str, folder: Path, paths: list[Path], work: Path, args: arg
             wall, mem = lightly_embed(folder, work, args.batch, args.workers)
             lightly.append(n / wall)
             rss["lightly"] = max(rss["lightly"], mem)
-        wall, mem, summary = poolwatch_ingest(folder, work, args.batch, args.workers, args.poolwatch_arg)
-        pw.append(n / wall)
-        pw_eff.append(summary["compute_efficiency"])
-        pw_rate.append(summary["images_per_second"])
-        rss["poolwatch"] = max(rss["poolwatch"], mem)
+        for v, extra in variants.items():
+            wall, mem, summary = poolwatch_ingest(folder, work, args.batch, args.workers, extra)
+            pw[v].append(n / wall)
+            pw_eff[v].append(summary["compute_efficiency"])
+            pw_rate[v].append(summary["images_per_second"])
+            rss[v] = max(rss[v], mem)
         dec.append(n / decode_only(paths, args.workers, 64))
     med = statistics.median
     print(f"\n## {label}: {n} files, batch {args.batch}, {args.workers} decode workers, {args.repeat} rounds (medians)")
@@ -127,13 +133,16 @@ def bench_set(label: str, folder: Path, paths: list[Path], work: Path, args: arg
         print(f"| lightly-embed | {med(lightly):.1f} | {rss['lightly']:.0f} |")
     if fastdup:
         print(f"| fastdup run() | {med(fastdup):.1f} | {rss['fastdup']:.0f} |")
-    print(f"| poolwatch ingest | {med(pw):.1f} (loop rate {med(pw_rate):.1f}, compute efficiency {med(pw_eff):.2f}) | {rss['poolwatch']:.0f} |")
+    for v in variants:
+        print(f"| {v} | {med(pw[v]):.1f} (loop rate {med(pw_rate[v]):.1f}, compute efficiency {med(pw_eff[v]):.2f}) "
+              f"| {rss[v]:.0f} |")
     print(f"| decode-only (poolwatch's decoder) | {med(dec):.1f} | - |")
-    if lightly:
-        print(f"ratio poolwatch / lightly-embed: {med(pw) / med(lightly):.2f}x")
-    if fastdup:
-        print(f"ratio poolwatch / fastdup: {med(pw) / med(fastdup):.2f}x")
-    print(f"ratio poolwatch / decode-only limit: {med(pw) / med(dec):.2f}")
+    for v in variants:
+        if lightly:
+            print(f"ratio {v} / lightly-embed: {med(pw[v]) / med(lightly):.2f}x")
+        if fastdup:
+            print(f"ratio {v} / fastdup: {med(pw[v]) / med(fastdup):.2f}x")
+        print(f"ratio {v} / decode-only limit: {med(pw[v]) / med(dec):.2f}")
 
 
 def main() -> None:
@@ -145,6 +154,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "poolwatch-bench-ingest")
     ap.add_argument("--skip-lightly", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="also run poolwatch with embedding_precision=bf16 each round")
     ap.add_argument("--fastdup-python", type=Path, help="python of a separate venv with fastdup installed "
                     "(non-commercial licence: a local comparison only, never a dependency)")
     ap.add_argument("--poolwatch-arg", action="append", default=[], help="extra key=value for poolwatch")

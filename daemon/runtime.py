@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -62,6 +63,16 @@ def decode_executor(config: Config) -> Executor | None:
     for future in [executor.submit(warm_up) for _ in range(workers)]:
         future.result()
     return executor
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim). A long-lived process whose threads
+    each allocate large short-lived buffers (a sampling run's matrices, a report's plots) otherwise keeps
+    them in per-thread arenas, and its RSS only ever grows. A no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def configure_torch_threads(config: Config) -> None:

@@ -17,6 +17,7 @@ from poolwatch.pipeline.sampling import recover, sample_run, validate_sampling
 from poolwatch.pipeline.store import Store
 
 from .metrics import Metrics
+from .runtime import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Sampler(threading.Thread):
                     self.running = True
                 try:
                     self._run_once(store, trigger)
+                    release_free_memory()  # a run's matrices and report are gone: give their pages back
                 finally:
                     with self._cond:
                         self.running = False

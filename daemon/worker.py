@@ -21,6 +21,7 @@ from poolwatch.pipeline.store import Store
 
 from .ingest_queue import IngestQueue, Item
 from .metrics import Metrics
+from .runtime import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,9 @@ class Worker(threading.Thread):
                 items = self.queue.get_batch(self.batch_size, 0.0 if pending else self.max_batch_wait,
                                              0.0 if pending else 0.5)
                 self.metrics.queue_depth.set(len(self.queue))
-                self.busy = bool(items or pending)
+                was_busy, self.busy = self.busy, bool(items or pending)
+                if was_busy and not self.busy:
+                    release_free_memory()  # a burst is over: its batches' buffers go back to the OS
                 if pending is not None and any((i.root, i.relpath) in pending[3] for i in items):
                     # A file of the batch still in flight came again (changed, deleted, or the same event
                     # twice): commit that batch first, so it is compared with its row, not checked twice,
