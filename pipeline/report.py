@@ -22,7 +22,8 @@ import numpy as np
 from .export import Naming, read_embeddings_csv
 from .store import Store
 
-MATRIX_OVERHEAD = 3  # the distance matrix, its condensed copy and temporaries, in float32 matrices
+MATRIX_OVERHEAD = 1  # n x n float32s: the condensed distances (half) and the copy a percentile makes (half)
+BLOCK_BYTES = 32 * 1024**2  # the row block of distances computed at a time
 PAGE = (8.27, 11.69)  # A4 portrait, inches
 
 
@@ -42,8 +43,9 @@ class DistanceStats:
         out: dict[str, Any] = {"points": self.points, "of_points": self.of_points, "subsampled": self.subsampled,
                                "count": int(d.size)}
         if d.size:
-            out.update(mean=float(d.mean()), min=float(d.min()), max=float(d.max()),
-                       p10=float(np.percentile(d, 10)), p90=float(np.percentile(d, 90)))
+            p10, p90 = np.percentile(d, [10, 90])  # one copy of d, not two
+            out.update(mean=float(d.mean(dtype=np.float64)), min=float(d.min()), max=float(d.max()),
+                       p10=float(p10), p90=float(p90))
         else:
             out.update(mean=None, min=None, max=None, p10=None, p90=None)
         return out
@@ -64,13 +66,30 @@ def pairwise_stats(vectors: np.ndarray, memory_gb: float, seed: int) -> Distance
     x = vectors.astype(np.float32, copy=False)
     if len(x) < 2:
         return DistanceStats(len(x), n, subsampled, np.zeros(0, np.float32))
+    return DistanceStats(len(x), n, subsampled, condensed_distances(x))
+
+
+def condensed_distances(x: np.ndarray) -> np.ndarray:
+    """The upper triangle of the pairwise L2 distances, row by row (scipy's `pdist` order), in float32,
+    computed in row blocks of BLOCK_BYTES: the only n^2 memory is the result itself."""
+    m = len(x)
     sq = np.einsum("ij,ij->i", x, x)
-    d2 = sq[:, None] + sq[None, :] - 2 * (x @ x.T)
-    np.maximum(d2, 0, out=d2)
-    iu = np.triu_indices(len(x), 1)
-    condensed = np.sqrt(d2[iu])
-    del d2
-    return DistanceStats(len(x), n, subsampled, condensed)
+    out = np.empty(m * (m - 1) // 2, np.float32)
+    rows = max(1, BLOCK_BYTES // (4 * m))
+    pos = 0
+    for r0 in range(0, m - 1, rows):
+        r1 = min(m - 1, r0 + rows)
+        d = x[r0:r1] @ x[r0 + 1:].T  # column j is point r0 + 1 + j: only the upper triangle is computed
+        d *= -2
+        d += sq[r0:r1, None]
+        d += sq[None, r0 + 1:]
+        np.maximum(d, 0, out=d)
+        np.sqrt(d, out=d)
+        for i in range(r1 - r0):
+            seg = d[i, i:]
+            out[pos:pos + seg.size] = seg
+            pos += seg.size
+    return out
 
 
 def nearest(queries: np.ndarray, refs: np.ndarray, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
@@ -295,7 +314,8 @@ def _histogram(plt: Any, stats: DistanceStats, min_distance: float | None, title
     fig, ax = plt.subplots(figsize=(8.27, 5.5))
     d = stats.distances
     if d.size:
-        ax.hist(d, bins=min(100, max(10, int(math.sqrt(d.size)))), color="steelblue", log=True)
+        counts, edges = np.histogram(d, bins=min(100, max(10, int(math.sqrt(d.size)))))  # no copy of d
+        ax.hist(edges[:-1], bins=edges, weights=counts, color="steelblue", log=True)
     else:
         ax.text(0.5, 0.5, "fewer than 2 points: no pairwise distances", ha="center", va="center", transform=ax.transAxes)
     if min_distance is not None:

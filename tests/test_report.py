@@ -83,6 +83,7 @@ def test_pairwise_stats_subsample_when_over_budget() -> None:
 
 SUBPROCESS = r"""
 import json, resource, sys, sqlite3, time
+import torch  # a sampling run on device "auto" asks torch about CUDA; its import is not the report's memory
 from pathlib import Path
 import numpy as np
 from poolwatch.pipeline.config import load_config
@@ -116,3 +117,16 @@ def test_report_on_5000_vectors_with_a_tiny_memory_budget(tmp_path: Path) -> Non
     assert before["subsampled"] and before["of_points"] == 5000 and before["points"] == max_points(0.0001)
     # A full 5000×5000 float32 matrix alone would be 100 MB; the whole report adds far less.
     assert out["peak_kb"] - out["base_kb"] < 80_000, out
+
+
+@pytest.mark.parametrize("n, block_bytes", [(2, 4), (3, 4), (97, 4), (97, 1000), (500, 64 * 1024**2)])
+def test_condensed_distances_match_brute_force_across_blocks(n: int, block_bytes: int, monkeypatch) -> None:
+    from poolwatch.pipeline import report
+
+    monkeypatch.setattr(report, "BLOCK_BYTES", block_bytes)
+    x = np.random.default_rng(n).normal(size=(n, 8)).astype(np.float32)
+    i, j = np.triu_indices(n, 1)
+    brute = np.linalg.norm(x[i].astype(np.float64) - x[j], axis=1)
+    got = report.condensed_distances(x)
+    assert got.dtype == np.float32 and got.shape == brute.shape
+    np.testing.assert_allclose(got, brute, rtol=1e-4, atol=1e-4)
