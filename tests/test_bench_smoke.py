@@ -11,7 +11,7 @@ import pytest
 from .conftest import ROOT
 
 
-@pytest.mark.parametrize("script", ["ingest.py", "latency.py", "store.py", "coreset.py", "soak.py", "load.py"])
+@pytest.mark.parametrize("script", ["ingest.py", "latency.py", "store.py", "coreset.py", "soak.py", "load.py", "profile_embed.py"])
 def test_bench_smoke(script: str, tmp_path: Path) -> None:
     args = [sys.executable, str(ROOT / "bench" / script), "--smoke"]
     if script == "ingest.py":
