@@ -31,6 +31,16 @@ def no_thread_leaks():
     assert not leaked, f"threads left running: {[t.name for t in leaked]}"
 
 
+@pytest.fixture(autouse=True)
+def no_daemon_survives():
+    """A daemon a test started (tests/test_daemon.py's `Daemon`) never outlives the test, failed or not."""
+    yield
+    module = sys.modules.get(f"{__package__}.test_daemon")
+    for d in getattr(getattr(module, "Daemon", None), "registry", []):
+        if d.proc is not None and d.proc.poll() is None:
+            d.kill()
+
+
 def photo(seed: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
     """A photo-like RGB image: smooth gradients, blobs and noise, different for every seed."""
     rng = np.random.default_rng(seed)
