@@ -7,6 +7,8 @@ import io
 import os
 import platform
 import resource
+import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -137,6 +139,20 @@ def start_daemon(inp: Path, shared: Path, port: int, extra: list[str], log: Path
 
     wait(healthy, 120, "the daemon to start", poll=0.1)
     return daemon
+
+
+def terminate(daemon: subprocess.Popen, timeout: float = 120) -> int:
+    """SIGTERM, then its exit code (a graceful stop is part of what the benches check)."""
+    daemon.send_signal(signal.SIGTERM)
+    return daemon.wait(timeout=timeout)
+
+
+def clean_up(daemon: subprocess.Popen, work: Path) -> None:
+    """Whatever happened: no daemon left running, no temp tree left behind."""
+    if daemon.poll() is None:
+        daemon.kill()
+        daemon.wait(30)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def scrape(port: int) -> dict[str, float]:

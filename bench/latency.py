@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import committed, machine, make_jpegs, pct, proc_memory_mb, start_daemon, wait  # noqa: E402
+from _common import clean_up, terminate, committed, machine, make_jpegs, pct, proc_memory_mb, start_daemon, wait  # noqa: E402
 from _common import free_port, scrape  # noqa: E402
 
 
@@ -74,12 +73,9 @@ def main() -> None:
               f"all committed after {done:.1f} s | {eff if eff is not None else '?'} compute efficiency (smoothed) |")
         mem = proc_memory_mb(daemon.pid)
         print("daemon memory: " + ", ".join(f"{k} {v:.0f} MB" for k, v in mem.items()))
-        daemon.send_signal(signal.SIGTERM)
-        print(f"SIGTERM -> exit {daemon.wait(timeout=60)}")
+        print(f"SIGTERM -> exit {terminate(daemon, 60)}")
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        clean_up(daemon, work)
 
 
 if __name__ == "__main__":

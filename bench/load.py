@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import sqlite3
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import free_port, machine, make_jpegs, proc_memory_mb, scrape, start_daemon, wait  # noqa: E402
+from _common import clean_up, terminate, free_port, machine, make_jpegs, proc_memory_mb, scrape, start_daemon, wait  # noqa: E402
 
 
 def main() -> None:
@@ -97,13 +96,10 @@ def main() -> None:
               f"queue depth max {peak['queue']:.0f} | inotify overflows {metrics.get('poolwatch_watcher_overflows_total', 0):.0f} | "
               f"reconcile scans {scans} | rows {distinct:,} distinct of {args.n:,}, lost {args.n - distinct}, "
               f"integrity {integrity} |")
-        daemon.send_signal(signal.SIGTERM)
-        print(f"SIGTERM -> exit {daemon.wait(timeout=120)}")
+        print(f"SIGTERM -> exit {terminate(daemon, 120)}")
     finally:
         stop.set()
-        if daemon.poll() is None:
-            daemon.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        clean_up(daemon, work)
 
 
 if __name__ == "__main__":

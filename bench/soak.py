@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import shutil
 import signal
 import statistics
 import sys
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import committed, free_port, machine, photo, proc_memory_mb, scrape, start_daemon, wait  # noqa: E402
+from _common import clean_up, terminate, committed, free_port, machine, photo, proc_memory_mb, scrape, start_daemon, wait  # noqa: E402
 
 
 def runs_total(metrics: dict[str, float], outcome: str) -> float:
@@ -102,12 +101,9 @@ def main() -> None:
               f"(growth {statistics.median(late) - statistics.median(early):+.0f} MB over "
               f"{(samples[-1][0] - samples[warm][0]) / 60:.0f} min; anonymous {statistics.median(early_anon):.0f} -> "
               f"{statistics.median(late_anon):.0f} MB); peak VmHWM {samples[-1][2]['VmHWM']:.0f} MB")
-        daemon.send_signal(signal.SIGTERM)
-        print(f"SIGTERM -> exit {daemon.wait(timeout=120)}")
+        print(f"SIGTERM -> exit {terminate(daemon, 120)}")
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        clean_up(daemon, work)
 
 
 if __name__ == "__main__":
