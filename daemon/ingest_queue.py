@@ -35,6 +35,10 @@ class IngestQueue:
         with self._cond:
             return len(self._items) + len(self._background)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def background_len(self) -> int:
         with self._cond:
             return len(self._background)

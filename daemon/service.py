@@ -58,7 +58,9 @@ class Service:
         self._outages: set[str] = set()
         self._reconcile_thread: threading.Thread | None = None
         self._next_reconcile = 0.0
+        self._reconcile_again = False  # a forced scan was asked for while one was running
         self._overflowed = threading.Event()
+        self._rescan_requested = threading.Event()
         self._next_coverage = 0.0
 
     # ---- start-up -----------------------------------------------------------------------------
@@ -127,11 +129,17 @@ class Service:
     def _make_watcher(self, cfg: Config) -> Watcher:
         return Watcher(cfg.input_paths, self.queue, polling=cfg.watch.polling,
                        settle_seconds=float(cfg.watch.settle_seconds), ignore_patterns=cfg.watch.ignore_patterns,
-                       on_discovered=self.metrics.discovered.inc, on_overflow=self._on_overflow)
+                       on_discovered=self.metrics.discovered.inc, on_overflow=self._on_overflow,
+                       on_lost=self._on_lost)
 
     def _on_overflow(self) -> None:
-        """Called on the watcher's thread: the loop starts the reconcile scan."""
+        """Called on the watcher's thread: the loop counts it and starts the reconcile scan."""
         self._overflowed.set()
+        self._on_lost()
+
+    def _on_lost(self) -> None:
+        """Called on the watcher's thread when events were lost: the loop starts a reconcile scan."""
+        self._rescan_requested.set()
         self.signals.wake.set()
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -153,9 +161,11 @@ class Service:
                 self.metrics.overflows.inc()
                 log.warning("the inotify queue overflowed (events were lost, fs.inotify.max_queued_events); "
                             "rescanning the input dirs")
+            if self._rescan_requested.is_set():
+                self._rescan_requested.clear()
                 self._start_reconcile(force=True)
             self._check_roots()
-            if time.monotonic() >= self._next_reconcile:
+            if time.monotonic() >= self._next_reconcile or (self._reconcile_again and not self._reconcile_running()):
                 self._start_reconcile()
             if time.monotonic() >= self._next_coverage:
                 self._check_coverage()
@@ -254,12 +264,17 @@ class Service:
     def _start_reconcile(self, force: bool = False) -> None:
         interval = float(self.config.watch.rescan_interval)
         self._next_reconcile = time.monotonic() + (interval if interval > 0 else float("inf"))
-        if self._reconcile_thread is not None and self._reconcile_thread.is_alive():
-            if force:
-                self._next_reconcile = time.monotonic() + 1.0  # try again once the running scan ends
+        if self._reconcile_running():
+            # The running scan may already have passed what this request is about (files whose events
+            # an overflow lost, a root that came back): one more scan starts as soon as it ends.
+            self._reconcile_again = self._reconcile_again or force
             return
+        self._reconcile_again = False
         self._reconcile_thread = threading.Thread(target=self._reconcile, name="reconcile", daemon=True)
         self._reconcile_thread.start()
+
+    def _reconcile_running(self) -> bool:
+        return self._reconcile_thread is not None and self._reconcile_thread.is_alive()
 
     def _reconcile(self) -> None:
         """Queue every file that needs work and every vanished file; unchanged files are not read."""
@@ -279,13 +294,14 @@ class Service:
                         log.warning("reconcile skipped %s: %s", root, exc.strerror)
                         continue
                     todo, gone = plan(store, root, found, self.model_id)
-                    for ref in todo:
-                        if self.signals.stop_requested or not self.queue.put(Item(ref.root, ref.relpath), timeout=60,
-                                                                      background=True):
-                            return
-                        queued += 1
-                    for rel in gone:
-                        self.queue.put(Item(str(root), rel, "deleted"), timeout=60, background=True)
+                    items = [Item(ref.root, ref.relpath) for ref in todo] + [Item(str(root), rel, "deleted") for rel in gone]
+                    for item in items:
+                        # Back-pressure: wait for room as long as it takes (a scan that gave up would lose
+                        # what it found); only a stop ends the wait.
+                        while not self.queue.put(item, timeout=5, background=True):
+                            if self.signals.stop_requested or self.queue.closed:
+                                return
+                    queued += len(todo)
                     gone_total += len(gone)
             self.metrics.discovered.inc(queued)
         except Exception:  # noqa: BLE001 - a failed scan is retried at the next interval

@@ -190,13 +190,14 @@ class Watcher:
 
     def __init__(self, roots: Sequence[Path], queue: IngestQueue, *, polling: bool, settle_seconds: float,
                  ignore_patterns: Sequence[str], on_discovered: Callable[[int], None] = lambda n: None,
-                 on_overflow: Callable[[], None] = lambda: None) -> None:
+                 on_overflow: Callable[[], None] = lambda: None, on_lost: Callable[[], None] = lambda: None) -> None:
         self.roots = [str(r) for r in roots]
         self.queue = queue
         self.polling = polling
         self.ignore_patterns = list(ignore_patterns)
         self.on_discovered = on_discovered
         self.on_overflow = on_overflow
+        self.on_lost = on_lost  # an event could not be queued: a reconcile scan must find its file
         self.settler = Settler(settle_seconds, self.complete)
         self.observer: BaseObserver | None = None
         self.watched: set[str] = set()
@@ -205,12 +206,14 @@ class Watcher:
         self.settler.forget(root, relpath)
         if self.queue.put(Item(root, relpath), timeout=60):
             self.on_discovered(1)
-        else:
-            log.warning("ingest queue full for 60 s; %s/%s is left to the next reconcile scan", root, relpath)
+        elif not self.queue.closed:
+            log.warning("ingest queue full for 60 s; %s/%s is left to a reconcile scan", root, relpath)
+            self.on_lost()
 
     def deleted(self, root: str, relpath: str) -> None:
         self.settler.forget(root, relpath)
-        self.queue.put(Item(root, relpath, "deleted"), timeout=60)
+        if not self.queue.put(Item(root, relpath, "deleted"), timeout=60) and not self.queue.closed:
+            self.on_lost()
 
     def _subtree(self, root: str, path: str) -> list[str]:
         """Relpaths (to root) of the image files under `path`; none when it is already gone."""

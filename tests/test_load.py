@@ -59,7 +59,7 @@ def test_flood_against_a_small_queue_loses_nothing(tmp_path: Path) -> None:
     start = time.monotonic()
     flood(inp, data, "f")
     written = time.monotonic() - start
-    wait_for(lambda: settled(shared, inp, n), 600, f"{n} files committed", d)
+    wait_for(lambda: settled(shared, inp, n), 240, f"{n} files committed", d)
     done.set()
     sampler.join(5)
     print(f"{n} files written in {written:.1f}s, all committed after {time.monotonic() - start:.1f}s; "
@@ -97,7 +97,7 @@ def test_inotify_overflow_is_recovered_by_a_reconcile_scan(tmp_path: Path, tiny_
     flood(inp, data[: n // 2], "o")
     flood(inp / "sub", data[n // 2:], "s")
     wait_for(lambda: d.metric("poolwatch_watcher_overflows_total") >= 1, 60, "an inotify overflow", d)
-    wait_for(lambda: settled(shared, inp, n), 600, f"{n} files committed after the overflow", d)
+    wait_for(lambda: settled(shared, inp, n), 240, f"{n} files committed after the overflow", d)
     print(f"{n} files, {d.metric('poolwatch_watcher_overflows_total'):.0f} overflow(s), "
           f"consistent after {time.monotonic() - start:.1f}s")
     consistent(shared, inp, n)
