@@ -33,11 +33,16 @@ def no_thread_leaks():
 
 @pytest.fixture(autouse=True)
 def no_daemon_survives():
-    """A daemon a test started (tests/test_daemon.py's `Daemon`) never outlives the test, failed or not."""
+    """A daemon a test started (tests/test_daemon.py's `Daemon`) never outlives the test, failed or not.
+    Daemons of wider-scoped fixtures, started before this runs, are theirs to stop."""
+    def started() -> list:
+        module = sys.modules.get(f"{__package__}.test_daemon")
+        return list(getattr(getattr(module, "Daemon", None), "registry", []))
+
+    before = {id(d) for d in started()}
     yield
-    module = sys.modules.get(f"{__package__}.test_daemon")
-    for d in getattr(getattr(module, "Daemon", None), "registry", []):
-        if d.proc is not None and d.proc.poll() is None:
+    for d in started():
+        if id(d) not in before and d.proc is not None and d.proc.poll() is None:
             d.kill()
 
 
