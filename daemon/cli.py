@@ -136,7 +136,7 @@ def ingest_once(config: Config):  # -> PassSummary
 
     from poolwatch.pipeline.ingest import activate_model, ingest_pass
 
-    runtime.configure_torch_threads(config)
+    runtime.configure_torch_threads()
     embedder = runtime.load_embedder(config)
     store = open_store(config)
     executor = runtime.decode_executor(config)

@@ -75,7 +75,7 @@ def release_free_memory() -> None:
         pass
 
 
-def configure_torch_threads(config: Config) -> None:
+def configure_torch_threads() -> None:
     import torch
 
     # The model gets every core. Decoding costs ~2 ms a file against the model's ~40 ms (fp32, 64 px), so

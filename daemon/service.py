@@ -22,6 +22,7 @@ from poolwatch.pipeline.ingest import InputDirError, activate_model, discover, p
 from poolwatch.pipeline.store import Store
 
 from . import runtime
+from .decode_pool import DecodePool
 from .ingest_queue import IngestQueue, Item
 from .lock import ShareLock
 from .metrics import Metrics, MetricsServer
@@ -79,7 +80,7 @@ class Service:
     def _run(self, lock: ShareLock) -> int:
         cfg = self.config
         log.info("poolwatch daemon starting (pid %d, shared_dir %s)", os.getpid(), cfg.shared_path)
-        runtime.configure_torch_threads(cfg)
+        runtime.configure_torch_threads()
         self.embedder = runtime.load_embedder(cfg)
         with Store.open(cfg.store_path, float(cfg.store.busy_timeout)) as store:
             self.model_id = activate_model(store, self.embedder)
@@ -340,7 +341,7 @@ class Service:
         self.worker.max_batch_wait = float(new.watch.max_batch_wait)
         self.worker.remove_duplicates = new.remove_exact_duplicates
         self.worker.set_model(self.embedder, self.model_id, runtime.decode_settings(new))
-        if self.executor is not None and hasattr(self.executor, "timeout"):
+        if isinstance(self.executor, DecodePool):
             self.executor.timeout = runtime.decode_timeout(new)
         if new.schedule != old.schedule:
             self.scheduler.apply(new.schedule)
