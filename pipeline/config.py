@@ -33,6 +33,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from .errors import UsageError
 
 MASK = "***"
 LIGHTLY_MODELS = ("resnet-9", "resnet-18", "resnet-34", "resnet-50", "resnet-101", "resnet-152")
@@ -45,7 +46,7 @@ LIGHTLY_CHOICES: dict[str, tuple[Any, ...]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A configuration problem; the message is one line fit for a user."""
 
 

@@ -42,6 +42,7 @@ from numbers import Integral, Real
 from typing import Any, Iterator
 
 import numpy as np
+from .errors import UsageError
 
 __all__ = ["SamplingError", "Selection", "kcenter", "random_sample", "resolve_n_samples"]
 
@@ -77,7 +78,7 @@ _AUTO_MIN_DIM = 32
 _AUTO_MIN_PICKS = 1024
 
 
-class SamplingError(ValueError):
+class SamplingError(UsageError):
     """An argument to a sampling function is invalid."""
 
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+from .errors import UsageError
 
 
-class ExportError(ValueError):
+class ExportError(UsageError):
     """An embeddings file that cannot be read as lightly's format, or an impossible export."""
 
 

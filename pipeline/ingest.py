@@ -23,10 +23,11 @@ import numpy as np
 from .check import IMAGE_EXTENSIONS
 from .decode import Decoded, DecodeSettings, FileRef, collect, read_and_decode
 from .embed import Embedder
+from .errors import PoolwatchError
 from .store import ImageRecord, Store, vector_hash
 
 
-class InputDirError(OSError):
+class InputDirError(PoolwatchError, OSError):
     """An input directory as a whole is missing or unreadable (an outage, never a mass deletion)."""
 
 

@@ -21,13 +21,14 @@ import numpy as np
 
 from .export import Naming, read_embeddings_csv
 from .store import Store
+from .errors import UsageError
 
 MATRIX_OVERHEAD = 1  # n x n float32s: the condensed distances (half) and the copy a percentile makes (half)
 BLOCK_BYTES = 32 * 1024**2  # the row block of distances computed at a time
 PAGE = (8.27, 11.69)  # A4 portrait, inches
 
 
-class ReportError(RuntimeError):
+class ReportError(UsageError):
     """The report cannot be built (run unknown, run folder gone, ...)."""
 
 

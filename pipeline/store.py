@@ -22,11 +22,12 @@ from typing import Any
 
 import numpy as np
 import sqlite_utils
+from .errors import PoolwatchError
 
 STATUSES = ("pending", "ok", "corrupt", "duplicate", "missing")
 
 
-class StoreError(RuntimeError):
+class StoreError(PoolwatchError, RuntimeError):
     """The store cannot be opened or used (not a poolwatch database, newer schema, ...)."""
 
 

@@ -39,11 +39,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from .check import inspect_image
 from .embed import ModelSpec, build_module
+from .errors import UsageError
 
 PRECISIONS = "32, 16, 16-mixed, bf16, bf16-mixed"
 
 
-class TrainError(ValueError):
+class TrainError(UsageError):
     """Training cannot run or produced nothing usable; the message is one line."""
 
 
