@@ -109,6 +109,10 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (pool, image_id)
     );
     """,
+    # 2: how many times the model failed on an image (it stays `pending` until the limit, then `corrupt`)
+    """
+    ALTER TABLE images ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -136,6 +140,7 @@ class ImageRecord:
     width: int | None = None
     height: int | None = None
     format: str | None = None
+    attempts: int = 0  # failed embedding attempts of a `pending` image
 
 
 @dataclass(frozen=True)
@@ -256,11 +261,11 @@ class Store:
         root, relpath = _enc(rec.root), _enc(rec.relpath)
         row = self.conn.execute("SELECT id FROM images WHERE root = ? AND relpath = ?", (root, relpath)).fetchone()
         values = (rec.size, rec.mtime_ns, rec.hash, rec.status, rec.reason, rec.detail, rec.duplicate_of,
-                  rec.width, rec.height, rec.format, now)
+                  rec.width, rec.height, rec.format, rec.attempts, now)
         if row is None:
             cur = self.conn.execute(
                 "INSERT INTO images (size, mtime_ns, hash, status, reason, detail, duplicate_of, width, height, format,"
-                " updated, root, relpath, first_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " attempts, updated, root, relpath, first_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (*values, root, relpath, now),
             )
             return int(cur.lastrowid)
@@ -268,7 +273,7 @@ class Store:
         old = self.conn.execute("SELECT hash FROM images WHERE id = ?", (image_id,)).fetchone()
         self.conn.execute(
             "UPDATE images SET size=?, mtime_ns=?, hash=?, status=?, reason=?, detail=?, duplicate_of=?, width=?,"
-            " height=?, format=?, updated=? WHERE id=?",
+            " height=?, format=?, attempts=?, updated=? WHERE id=?",
             (*values, image_id),
         )
         if old[0] != rec.hash or rec.status != "ok":
