@@ -1,34 +1,32 @@
-"""Ingest: find image files, decide what needs work, read → hash → verdict → embed → store.
+"""Ingest: read → hash → verdict → embed → store, one transaction per batch.
 
-A file's identity is (root, relpath, size, mtime_ns): a file whose identity is unchanged is never
-read again (unless the current model has no vector for it yet). Reading and decoding happen in
-`decode.read_and_decode` (a torch-free module, so process-pool workers stay small); the model
-forward pass and the store write happen in the caller's thread, one transaction per batch.
+A file's identity is (root, relpath, size, mtime_ns); whether it needs work is decided by
+`discover.needs_work` alone. Reading and decoding happen in `decode.read_and_decode` (a torch-free
+module, so process-pool workers stay small), overlapped with the model: `start_decoding` submits a
+batch, `InFlight.collect` waits for it, so batch k+1 decodes while batch k is embedded — the one
+implementation of that overlap, used by `ingest_pass` and the daemon's worker. The model forward
+pass and the store write happen in the caller's thread.
 """
 
 from __future__ import annotations
 
-import errno
-import fnmatch
-import os
-import stat
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .check import IMAGE_EXTENSIONS
 from .decode import Decoded, DecodeSettings, FileRef, collect, read_and_decode
-from .embed import Embedder
-from .errors import PoolwatchError
+from .discover import InputDirError, discover, plan
 from .store import ImageRecord, Store, vector_hash
 
+if TYPE_CHECKING:
+    from .embed import Embedder
 
-class InputDirError(PoolwatchError, OSError):
-    """An input directory as a whole is missing or unreadable (an outage, never a mass deletion)."""
+MAX_EMBED_ATTEMPTS = 3  # the model failing on one image this often makes it `corrupt` (reason embed_error)
 
 
 @dataclass
@@ -51,93 +49,34 @@ class BatchResult:
         return self.compute_seconds / self.total_seconds if self.total_seconds > 0 else 0.0
 
 
-def is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+@dataclass
+class InFlight:
+    """One batch being decoded (futures of the decode pool, or already decoded without one)."""
+
+    refs: list[FileRef]
+    decoding: list[Future[Decoded]] | list[Decoded]
+
+    def collect(self) -> list[Decoded]:
+        return [collect(d, r) if isinstance(d, Future) else d for d, r in zip(self.decoding, self.refs)]
 
 
-def is_ignored(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def discover(root: Path, ignore_patterns: Sequence[str] = ()) -> Iterator[FileRef]:
-    """Every image file under `root`, recursively, in a stable order.
-
-    Symlinked files are followed; symlinked directories are not (no loops, no escaping the root).
-    Unreadable sub-directories are skipped (their files keep their state). Raises InputDirError
-    when `root` itself is missing or unreadable.
-    """
-    root = Path(root)
-    try:
-        if not root.is_dir():
-            raise InputDirError(errno.ENOENT, "input directory is missing", str(root))
-        os.listdir(root)
-    except PermissionError:
-        raise InputDirError(errno.EACCES, "input directory is unreadable", str(root)) from None
-    stack = [""]
-    while stack:
-        rel_dir = stack.pop()
-        try:
-            with os.scandir(root / rel_dir) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError:
-            continue
-        subdirs = []
-        for entry in entries:
-            if is_ignored(entry.name, ignore_patterns):
-                continue
-            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    subdirs.append(rel)
-                    continue
-                if not is_image_name(entry.name):
-                    continue
-                st = entry.stat(follow_symlinks=True)
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                yield FileRef(str(root), rel, st.st_size, st.st_mtime_ns)
-        stack.extend(reversed(subdirs))
-
-
-def plan(store: Store, root: Path, found: Iterable[FileRef], model_id: int | None = None) -> tuple[list[FileRef], list[str]]:
-    """(files needing work, relpaths gone from disk) for one input root.
-
-    A file needs work when it is new, its size or mtime changed, it was `missing`, or it is an `ok`
-    image the current model has no vector for yet.
-    """
-    known = store.known_files(str(root))
-    without_vector = store.ok_without_vector(str(root), model_id) if model_id is not None else set()
-    todo: list[FileRef] = []
-    seen: set[str] = set()
-    for ref in found:
-        seen.add(ref.relpath)
-        k = known.get(ref.relpath)
-        if k is None or k.size != ref.size or k.mtime_ns != ref.mtime_ns or k.status in ("missing", "pending") \
-                or ref.relpath in without_vector:
-            todo.append(ref)
-    gone = [rel for rel, k in known.items() if rel not in seen and k.status != "missing"]
-    return todo, gone
+def start_decoding(refs: Sequence[FileRef], settings: DecodeSettings, executor: Executor | None) -> InFlight:
+    if executor is None:
+        return InFlight(list(refs), [read_and_decode(r, settings) for r in refs])
+    return InFlight(list(refs), [executor.submit(read_and_decode, r, settings) for r in refs])
 
 
 def decode_batches(refs: Sequence[FileRef], settings: DecodeSettings, batch_size: int,
                    executor: Executor | None = None) -> Iterator[list[Decoded]]:
-    """Decoded batches in order. With an executor, the next batch decodes while the caller works."""
-    batches = [refs[i:i + batch_size] for i in range(0, len(refs), batch_size)]
-    if executor is None:
-        for batch in batches:
-            yield [read_and_decode(r, settings) for r in batch]
-        return
-    pending: list[list[Future[Decoded]]] = []
-    batch_refs: list[Sequence[FileRef]] = []
-    for i, batch in enumerate(batches):
-        pending.append([executor.submit(read_and_decode, r, settings) for r in batch])
-        batch_refs.append(batch)
-        if i == 0 and len(batches) > 1:
-            continue
-        yield [collect(f, r) for f, r in zip(pending.pop(0), batch_refs.pop(0))]
-    for futures, refs_ in zip(pending, batch_refs):
-        yield [collect(f, r) for f, r in zip(futures, refs_)]
+    """Decoded batches in order; the next batch decodes while the caller works on this one."""
+    in_flight: InFlight | None = None
+    for i in range(0, len(refs), batch_size):
+        following = start_decoding(refs[i:i + batch_size], settings, executor)
+        if in_flight is not None:
+            yield in_flight.collect()
+        in_flight = following
+    if in_flight is not None:
+        yield in_flight.collect()
 
 
 def commit_batch(store: Store, embedder: Embedder, model_id: int, decoded: Sequence[Decoded],
@@ -191,9 +130,15 @@ def commit_batch(store: Store, embedder: Embedder, model_id: int, decoded: Seque
                 result.duplicate += 1
                 continue
             if pos not in vector_of:
-                # The model failed on this image alone: keep it pending, the next scan retries it.
-                ids[pos] = store.upsert_image(ImageRecord(status="pending", reason="embed_error",
-                                                          detail=failed[pos][:500], **base))
+                # The model failed on this image alone: it stays pending (the next scan retries it)
+                # until MAX_EMBED_ATTEMPTS, then it is corrupt, so nothing is retried for ever.
+                attempts = _failed_attempts(store, d.ref) + 1
+                status = "pending" if attempts < MAX_EMBED_ATTEMPTS else "corrupt"
+                ids[pos] = store.upsert_image(ImageRecord(status=status, reason="embed_error", attempts=attempts,
+                                                          detail=f"attempt {attempts}: {failed[pos]}"[:500], **base))
+                if status == "corrupt":
+                    result.corrupt += 1
+                    result.corrupt_reasons["embed_error"] = result.corrupt_reasons.get("embed_error", 0) + 1
                 continue
             vec = vector_of[pos]
             if remove_duplicates:
@@ -238,6 +183,14 @@ def embed_resilient(embedder: Embedder, pixels: dict[int, np.ndarray]) -> tuple[
             continue
         vectors.update(zip(keys, out))
     return vectors, failed
+
+
+def _failed_attempts(store: Store, ref: FileRef) -> int:
+    """Earlier failed embeddings of this very file (same size and mtime); a changed file starts again."""
+    row = store.image_by_path(ref.root, ref.relpath)
+    if row is None or row["status"] != "pending" or (row["size"], row["mtime_ns"]) != (ref.size, ref.mtime_ns):
+        return 0
+    return int(row["attempts"] or 0)
 
 
 def _existing_id(store: Store, ref: FileRef) -> int | None:
