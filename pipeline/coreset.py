@@ -1,7 +1,8 @@
 """Coreset selection: greedy k-center (farthest point) against a fixed pool, and a random baseline.
 
-Pure library: no logging set-up, no threads, no global state (except that the pruned k-center limits
-numpy's OpenBLAS to one thread while it picks; see `_one_blas_thread`). Bad arguments raise `SamplingError`.
+Pure library: no logging set-up, no threads, no global state (the pruned k-center limits numpy's BLAS to
+one thread while it picks and restores the limit afterwards; see `_one_blas_thread`). device="auto" imports
+torch only where it could find a GPU (see `_select_backend`). Bad arguments raise `SamplingError`.
 
 Numerics (why the k-center code looks the way it does):
 
@@ -32,16 +33,18 @@ for up to 16 predicted centres (at most 2*N*d bytes) and ~40 bytes per candidate
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
-import threading
+import os
+import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
+
 from .errors import UsageError
 
 __all__ = ["SamplingError", "Selection", "kcenter", "random_sample", "resolve_n_samples"]
@@ -76,6 +79,9 @@ _FULL_FRACTION = 0.25
 _AUTO_MIN_CANDIDATES = 50_000
 _AUTO_MIN_DIM = 32
 _AUTO_MIN_PICKS = 1024
+# device="auto" asks torch for a GPU only when torch is loaded or one of these exists: NVIDIA's driver
+# (host or container), ROCm's kernel driver (torch's HIP builds), WSL2's GPU device.
+_GPU_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
 
 
 class SamplingError(UsageError):
@@ -191,7 +197,8 @@ def kcenter(
     >= 0 or None for inactive. At least one of them must be set.
     seed: with an empty pool the first pick is `np.random.default_rng(seed).integers(N)` and gets distance
     +inf; same seed and inputs give the same picks. With a non-empty pool the seed has no effect.
-    device: "cpu" (numpy), "cuda" / "cuda:<i>" (torch), or "auto" (CUDA when torch sees a GPU, else CPU).
+    device: "cpu" (numpy), "cuda" / "cuda:<i>" (torch), or "auto" (CUDA when torch sees a GPU, else CPU;
+    torch is not imported for it unless it is loaded already or a GPU driver is installed).
     Both backends make the same picks.
     algorithm: "plain" (every distance to every new centre; numpy or torch), "pruned" (the same greedy,
     computing only the distances that can change a pick; numpy, CPU only: device "auto" then means the
@@ -360,7 +367,7 @@ class _Rows:
         more than the conversion itself.
         """
         part = self.cand[key]
-        out = np.empty(part.shape, np.float64) if buffer is None else buffer[: len(part)]
+        out: np.ndarray = np.empty(part.shape, np.float64) if buffer is None else buffer[: len(part)]
         out[...] = part  # float64(value), exactly as np.array(cand, dtype=np.float64)
         out -= self.mean
         return out
@@ -470,9 +477,9 @@ class _Pruned:
         self.screened = 0  # float32 distances computed
         self.batches = 0  # speculative batches
 
-    def _add(self, ctr: np.ndarray, ctrn: np.ndarray, members: list[np.ndarray], rad2: np.ndarray) -> None:
+    def _add(self, ctr: np.ndarray, ctrn: np.ndarray | float, members: list[np.ndarray], rad2: np.ndarray | float) -> None:
         """New centres (rows of ctr, shifted; ctrn their squared norms), each with its (clean) members and
-        their largest value."""
+        their largest value (scalars for one centre)."""
         need = self.k + len(members)
         if need > len(self.ctrn):
             cap = max(need, 2 * len(self.ctrn))
@@ -596,7 +603,7 @@ class _Pruned:
         if k:
             self.dirty[assign[moved]] = True
         assign[moved] = k
-        self._add(centre[None, :], cn, [moved], values.max() if len(values) else -math.inf)
+        self._add(centre[None, :], cn, [moved], float(values.max()) if len(values) else -math.inf)
 
     def _exact(self, idx: np.ndarray | None, centre: np.ndarray, scaled: np.ndarray, cn: float) -> np.ndarray:
         """Squared distances of the candidates `idx` (None: all) to the centre, exactly as `_kcenter` does."""
@@ -644,7 +651,9 @@ class _Pruned:
         """keep32 * |c|^2 rounded down to float32 (rounding down only makes the screen stricter)."""
         cc = cn * self.keep32
         cc32 = np.float32(cc)
-        return np.nextafter(cc32, np.float32(-np.inf)) if float(cc32) > cc else cc32
+        if float(cc32) > cc:
+            return np.float32(np.nextafter(cc32, np.float32(-np.inf)))
+        return cc32
 
     def _speculate(self, j: int, picks_left: int) -> None:
         """Screen all candidates against j and its likely successors at once (one float32 matrix product).
@@ -687,6 +696,7 @@ class _Pruned:
 
     def _apply(self, j: int) -> np.ndarray:
         """The float32 screen of all candidates against j, from its precomputed column."""
+        assert self.columns is not None, "a column is applied only after `_speculate` made it"
         column = self.columns[self.spec_cols.pop(j)]
         return np.flatnonzero(np.less(column, self.bound, out=self._scratch_mask()))
 
@@ -754,61 +764,19 @@ def _margins(dim: int) -> tuple[float, float, float, float]:
     return 4.0 * (1.0 + 16.0 * rel + 1e-6), e64, 1.0 - (e32 + 4.0 * e64), 1e-12
 
 
-@functools.lru_cache(maxsize=1)
-def _openblas_thread_controls() -> tuple[tuple[Any, Any], ...]:
-    """(get, set) thread-count functions of every OpenBLAS loaded in this process (Linux), as threadpoolctl
-    finds them; empty elsewhere or when numpy uses another BLAS."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line})
-    except OSError:
-        return ()
-    names = [("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-             ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
-             ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
-             ("openblas_get_num_threads", "openblas_set_num_threads")]
-    controls = []
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for get, set_ in names:
-            if hasattr(lib, get) and hasattr(lib, set_):
-                controls.append((getattr(lib, get), getattr(lib, set_)))
-                break
-    return tuple(controls)
-
-
-_BLAS_LOCK = threading.Lock()
-_BLAS_USERS = [0, []]  # callers inside _one_blas_thread, thread counts to restore
-
-
 @contextmanager
 def _one_blas_thread() -> Iterator[None]:
-    """Run the body with numpy's OpenBLAS on one thread; the previous setting is restored afterwards.
+    """Run the body with the process's BLAS (numpy's OpenBLAS) on one thread; the previous limits are restored.
 
     The pruned algorithm makes many small BLAS calls (a few thousand rows each). OpenBLAS runs them on
     all cores, and on a machine whose cores are busy, waking its threads costs milliseconds per call
-    (measured: a 16k x 32 float32 product 8 ms instead of 0.3 ms), far more than the work. Nested and
-    concurrent callers share one limit; the last one out restores the counts. A no-op for other BLAS.
+    (measured: a 16k x 32 float32 product 8 ms instead of 0.3 ms), far more than the work. threadpoolctl
+    finds the BLAS libraries loaded in the process, sets their thread counts to 1 and puts the previous
+    counts back on exit (nested calls restore in order). The setting is process-wide: two sampling runs
+    in different threads of one process would share it (the daemon runs one at a time).
     """
-    with _BLAS_LOCK:
-        if _BLAS_USERS[0] == 0:
-            controls = _openblas_thread_controls()
-            _BLAS_USERS[1] = [(set_, int(get())) for get, set_ in controls]
-            for set_, _ in _BLAS_USERS[1]:
-                set_(1)
-        _BLAS_USERS[0] += 1
-    try:
+    with threadpool_limits(limits=1, user_api="blas"):
         yield
-    finally:
-        with _BLAS_LOCK:
-            _BLAS_USERS[0] -= 1
-            if _BLAS_USERS[0] == 0:
-                for set_, count in _BLAS_USERS[1]:
-                    set_(count)
-                _BLAS_USERS[1] = []
 
 
 def _kcenter_pruned(
@@ -817,7 +785,7 @@ def _kcenter_pruned(
     n_samples: int | None,
     min_distance: float | None,
     rng: np.random.Generator,
-    stats: dict | None = None,
+    stats: dict[str, int] | None = None,
 ) -> tuple[list[int], list[float], str]:
     """`_kcenter` with the numpy backend, computing only the distances that can matter (see `_Pruned`).
 
@@ -951,13 +919,22 @@ def _check_device(device: Any) -> None:
         raise SamplingError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {device!r}")
 
 
+def _gpu_possible() -> bool:
+    """Whether device="auto" has to ask torch for a GPU.
+
+    Only when torch is loaded already (asking costs nothing then) or a GPU driver is installed: importing
+    torch takes seconds and hundreds of MB, and a machine without a driver node has no GPU torch could use.
+    """
+    return "torch" in sys.modules or any(os.path.exists(path) for path in _GPU_DRIVER_FILES)
+
+
 def _select_backend(device: str) -> _Backend:
     # numpy, not torch, on the CPU. The per-pick loop (gemv, norm trick, running min, argmax) measured on a
     # 2-core x86 box, numpy 2.4 / OpenBLAS vs torch 2.14, N=200k, d=32, k=1000 picks: float64 numpy 1.46 s,
     # torch 1.98 s (float32: numpy 0.72 s, torch 1.54 s).
-    if device == "cpu":
+    if device == "cpu" or (device == "auto" and not _gpu_possible()):
         return _Backend(np)
-    import torch  # lazily: only "auto" and CUDA need it
+    import torch  # lazily: only CUDA, and "auto" where a GPU could be found, need it
 
     if device == "auto":
         return _Backend(torch, torch.device("cuda")) if torch.cuda.is_available() else _Backend(np)
