@@ -268,16 +268,22 @@ def _write_outputs(store: Store, config: Config, out: Path, cand_ids: np.ndarray
 def write_pool_files(store: Store, config: Config, pool: str, model_id: int, history_name: str | None) -> int:
     """`<shared>/<pool>/datapool_latest.csv` and, with keep_history, `history/datapool_<run>.csv`."""
     pool_dir = config.shared_path / pool
-    ids, vectors = store.vectors(model_id, store.pool_members(pool), ok_only=False)
-    if config.normalize_embeddings:
-        vectors = normalize(vectors)
-    names, labels = output_names(store, config, ids)
     tmp = pool_dir / f".datapool_latest-{os.getpid()}.csv"
-    write_embeddings_csv(tmp, names, vectors, labels)
+    size = write_pool_csv(store, config, pool, model_id, tmp)
     if config.datapool.keep_history and history_name:
         (pool_dir / "history").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(tmp, pool_dir / "history" / f"datapool_{history_name}.csv")
     os.replace(tmp, pool_dir / "datapool_latest.csv")
+    return size
+
+
+def write_pool_csv(store: Store, config: Config, pool: str, model_id: int, path: Path) -> int:
+    """A pool's members as a lightly embeddings CSV (normalised like the run's outputs); returns the count."""
+    ids, vectors = store.vectors(model_id, store.pool_members(pool), ok_only=False)
+    if config.normalize_embeddings:
+        vectors = normalize(vectors)
+    names, labels = output_names(store, config, ids)
+    write_embeddings_csv(path, names, vectors, labels)
     return len(ids)
 
 
