@@ -16,22 +16,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from poolwatch import __version__
-from poolwatch.pipeline.config import Config, ConfigError, load_config
-from poolwatch.pipeline.coreset import SamplingError
-from poolwatch.pipeline.errors import ModelError
-from poolwatch.pipeline.export import ExportError
-from poolwatch.pipeline.store import Store, StoreError
+from poolwatch.pipeline.config import Config, load_config
+from poolwatch.pipeline.errors import EXIT_FAILED, PoolwatchError, StateError, UsageError
+from poolwatch.pipeline.store import Store
 
 from . import runtime
-from .lock import LockedError, ShareLock, read_pid
+from .lock import ShareLock, running_daemon
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for: one line, exit code 2."""
+EXIT_OK = 0
+EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,31 +74,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.action, args.pool_args = (words[0] if words else ""), words[1:]
     runtime.setup_logging(args.log_level)
     try:
-        config = load_config(args.overrides, args.config)
-        if args.command not in ("config", "status", "trigger"):
-            runtime.log_ineffective_lightly_keys(config)
-        if config.sanity_check or args.command == "sanity-check":
-            return sanity_check(config)
-        if args.command in ("ingest", "sample", "train") or (args.command == "datapool" and args.action in ("import", "restore")):
-            with ShareLock(config.shared_path):
-                return COMMANDS[args.command](config, args)
-        return COMMANDS[args.command](config, args)
-    except (ConfigError, UsageError, SamplingError, ModelError, ExportError) as exc:
+        return _dispatch(args)
+    except PoolwatchError as exc:
+        # Every error a user can meet: one line, the exit code it carries (DESIGN §8).
         print(f"poolwatch: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except LockedError as exc:
-        print(f"poolwatch: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except StoreError as exc:
-        print(f"poolwatch: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        log.debug("details", exc_info=True)
+        return exc.exit_code
     except OSError as exc:
         # disk full, permissions, a vanished dir: one clear line; what was committed stays consistent
         print(f"poolwatch: error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
         log.debug("details", exc_info=True)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    config = load_config(args.overrides, args.config)
+    if args.command not in ("config", "status", "trigger"):
+        runtime.log_ineffective_lightly_keys(config)
+    if config.sanity_check or args.command == "sanity-check":
+        return sanity_check(config)
+    if args.command in ("ingest", "sample", "train") or (args.command == "datapool" and args.action in ("import", "restore")):
+        with ShareLock(config.shared_path, role=args.command):
+            return COMMANDS[args.command](config, args)
+    return COMMANDS[args.command](config, args)
 
 
 def open_store(config: Config) -> Store:
@@ -295,7 +290,7 @@ def cmd_sample(config: Config, args: argparse.Namespace) -> int:
         log.info("sampling run (%s, pool %s) started", config.method, config.datapool.name or "none")
         result = sample_run(store, config, trigger="cli", model_id=model_id, preselected=preselected, extra_stats=extra)
         row = summarize_run(store.run(result.run_id) or {})
-        write_report(store, result.run_id)
+        runtime.write_report(store, result.run_id)
     log.info("sampling run %d finished: %d of %d candidates selected (%s), pool %d -> %d, outputs in %s",
              result.run_id, result.n_selected, result.n_candidates, result.stop_reason, result.pool_before,
              result.pool_after, result.output_dir)
@@ -305,19 +300,6 @@ def cmd_sample(config: Config, args: argparse.Namespace) -> int:
         print(f"run {result.run_id}: selected {result.n_selected} of {result.n_candidates} candidates "
               f"({result.stop_reason}); pool {result.pool_before} -> {result.pool_after}; {result.output_dir}")
     return EXIT_OK
-
-
-def write_report(store: Store, run_id: int) -> bool:
-    """Build a run's report; a failure is logged and never fails the run itself."""
-    from poolwatch.pipeline.report import build_report
-
-    try:
-        data = build_report(store, run_id)
-    except Exception:  # noqa: BLE001 - the run is committed; its report is a by-product
-        log.exception("the report of run %d failed (the run itself is fine; retry with `poolwatch report %d`)", run_id, run_id)
-        return False
-    log.info("report of run %d: %s/report.pdf (%d pages)", run_id, data["run"]["output_dir"], data.get("pdf_pages", 0))
-    return True
 
 
 def cmd_report(config: Config, args: argparse.Namespace) -> int:
@@ -373,13 +355,10 @@ def cmd_datapool(config: Config, args: argparse.Namespace) -> int:
         if action == "export":
             if name not in store.pools():
                 raise UsageError(f"datapool export: no pool named {name!r} (see `poolwatch datapool list`)")
-            from poolwatch.pipeline.export import write_embeddings_csv
-            from poolwatch.pipeline.sampling import normalize, output_names
+            from poolwatch.pipeline.sampling import write_pool_csv
 
-            ids, vectors = store.vectors(model.id, store.pool_members(name), ok_only=False)
-            names, labels = output_names(store, config, ids)
-            write_embeddings_csv(file, names, normalize(vectors) if config.normalize_embeddings else vectors, labels)
-            print(f"exported {len(ids)} members of {name} to {file}")
+            size = write_pool_csv(store, config, name, model.id, file)
+            print(f"exported {size} members of {name} to {file}")
             return EXIT_OK
         ids, unknown = pool_ids_from_csv(store, config, file)
         if unknown:
@@ -469,16 +448,14 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_trigger(config: Config, args: argparse.Namespace) -> int:
-    import os
+    """SIGUSR1 to the live `poolwatch run` daemon of this shared_dir, and to no other process."""
     import signal
 
-    pid = read_pid(config.shared_path)
-    if pid is None:
-        raise UsageError(f"no running daemon: {config.shared_path / 'poolwatch.pid'} does not exist")
+    pid = running_daemon(config.shared_path)  # StateError (exit 1) when there is none
     try:
         os.kill(pid, signal.SIGUSR1)
     except ProcessLookupError:
-        raise UsageError(f"no running daemon: pid {pid} (from {config.shared_path / 'poolwatch.pid'}) is gone") from None
+        raise StateError(f"no running daemon: pid {pid} ended just now") from None
     print(f"sampling run requested from pid {pid}")
     return EXIT_OK
 

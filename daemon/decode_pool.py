@@ -4,6 +4,7 @@ pebble's ProcessPool stops a worker whose task runs past its timeout and replace
 (a crash in a native decoder), and the other tasks carry on; the standard library's pool can do
 neither (a hung task holds its worker for good, a dead worker breaks the whole pool). The futures it
 returns raise TimeoutError / ProcessExpired, which `pipeline.decode.collect` turns into verdicts.
+The limit is read at every submit, so a reload's new `check.decode_timeout` applies to the next file.
 """
 
 from __future__ import annotations
@@ -20,15 +21,19 @@ log = logging.getLogger(__name__)
 
 
 class DecodePool(Executor):
-    """An Executor over pebble's ProcessPool; `timeout` (seconds, None = none) applies to each task."""
+    """An Executor over pebble's ProcessPool; `timeout()` (seconds, None = none) applies to each task."""
 
-    def __init__(self, workers: int, timeout: float | None, context: BaseContext) -> None:
+    def __init__(self, workers: int, timeout: Callable[[], float | None], context: BaseContext) -> None:
         self.workers = workers
         self.timeout = timeout
         self._pool = ProcessPool(max_workers=workers, context=context)
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        return self._pool.schedule(fn, args=args, kwargs=kwargs, timeout=self.timeout)
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._pool.schedule(fn, args=args, kwargs=kwargs, timeout=self.timeout())
+
+    @property
+    def active(self) -> bool:
+        return bool(self._pool.active)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         if cancel_futures:
@@ -37,3 +42,33 @@ class DecodePool(Executor):
             self._pool.close()  # no new tasks; the queued ones finish
         if wait:
             self._pool.join()
+
+
+class DecodeWorkers:
+    """The decode pool as a daemon component (`lightly.loader.num_workers=0`: none, decode in-process)."""
+
+    name = "decoders"
+
+    def __init__(self, make: Callable[[], DecodePool | None]) -> None:
+        self._make = make
+        self.executor: DecodePool | None = None
+        self._started = False
+
+    def start(self) -> None:
+        self.executor = self._make()
+        self._started = True
+
+    def stop(self, timeout: float) -> bool:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None
+        self._started = False
+        return True
+
+    def alive(self) -> bool:
+        return self._started and (self.executor is None or self.executor.active)
+
+    def health(self) -> str:
+        if not self._started:
+            return "DEAD"
+        return f"{self.executor.workers} processes" if self.executor is not None else "in-process"

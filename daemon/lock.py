@@ -1,23 +1,37 @@
 """One poolwatch process writes a shared_dir at a time: an flock'd lock file plus a pid file.
 
 `poolwatch run` holds the lock for its lifetime; one-shot commands that write (`ingest`, `sample`,
-`datapool`) hold it while they run. The pid file lets `poolwatch trigger` find the daemon.
+`train`, `datapool import/restore`) hold it while they run. The pid file records the holder's pid and
+its role (`run` for the daemon), so `poolwatch trigger` signals only a live daemon: the lock must be
+held, the role must be `run`, and the process must be a poolwatch process.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+from poolwatch.pipeline.errors import PoolwatchError, StateError
 
-class LockedError(RuntimeError):
+DAEMON_ROLE = "run"
+
+
+class LockedError(PoolwatchError):
     """Another poolwatch process owns this shared_dir."""
 
 
+@dataclass(frozen=True)
+class Holder:
+    pid: int
+    role: str
+
+
 class ShareLock:
-    def __init__(self, shared: Path) -> None:
+    def __init__(self, shared: Path, role: str = "oneshot") -> None:
         self.shared = shared
+        self.role = role
         self.lock_path = shared / "poolwatch.lock"
         self.pid_path = shared / "poolwatch.pid"
         self._fd: int | None = None
@@ -29,20 +43,22 @@ class ShareLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            other = read_pid(self.shared)
+            other = read_holder(self.shared)
+            who = f" (pid {other.pid}, `poolwatch {other.role}`)" if other else ""
             raise LockedError(
-                f"another poolwatch process{f' (pid {other})' if other else ''} is using {self.shared}; "
-                "stop it first, or send it `poolwatch trigger` to run a sampling run"
+                f"another poolwatch process{who} is using {self.shared}; "
+                "stop it first, or send a running daemon `poolwatch trigger` for a sampling run"
             ) from None
         self._fd = fd
         tmp = self.pid_path.with_suffix(".pid.tmp")
-        tmp.write_text(f"{os.getpid()}\n")
+        tmp.write_text(f"{os.getpid()} {self.role}\n")
         os.replace(tmp, self.pid_path)
 
     def release(self) -> None:
         if self._fd is None:
             return
-        if read_pid(self.shared) == os.getpid():
+        holder = read_holder(self.shared)
+        if holder is not None and holder.pid == os.getpid():
             self.pid_path.unlink(missing_ok=True)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
@@ -56,8 +72,50 @@ class ShareLock:
         self.release()
 
 
-def read_pid(shared: Path) -> int | None:
+def read_holder(shared: Path) -> Holder | None:
+    """What the pid file says (`<pid> <role>`; a bare pid from an older poolwatch reads as role `run`)."""
     try:
-        return int((shared / "poolwatch.pid").read_text().strip())
-    except (OSError, ValueError):
+        words = (shared / "poolwatch.pid").read_text().split()
+        return Holder(int(words[0]), words[1] if len(words) > 1 else DAEMON_ROLE)
+    except (OSError, ValueError, IndexError):
         return None
+
+
+def is_locked(shared: Path) -> bool:
+    """Whether some process holds the lock now (probed with a shared, non-blocking flock)."""
+    try:
+        fd = os.open(shared / "poolwatch.lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's lock
+    return False
+
+
+def _is_poolwatch(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(b"poolwatch" in part for part in cmdline)
+
+
+def running_daemon(shared: Path) -> int:
+    """The pid of the live `poolwatch run` daemon of this shared_dir, or StateError saying why not."""
+    pid_file = shared / "poolwatch.pid"
+    holder = read_holder(shared)
+    if not is_locked(shared):
+        stale = f" ({pid_file} is stale: pid {holder.pid})" if holder else ""
+        raise StateError(f"no running daemon for {shared}{stale}")
+    if holder is None:
+        raise StateError(f"no running daemon for {shared}: the lock is held but {pid_file} is missing or unreadable")
+    if holder.role != DAEMON_ROLE:
+        raise StateError(f"no running daemon for {shared}: pid {holder.pid} is a one-shot `poolwatch {holder.role}`, "
+                         "which takes no trigger; a sampling run follows `poolwatch sample`")
+    if not _is_poolwatch(holder.pid):
+        raise StateError(f"no running daemon for {shared}: pid {holder.pid} from {pid_file} is not a poolwatch process")
+    return holder.pid

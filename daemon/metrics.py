@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
@@ -82,32 +83,54 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class MetricsServer:
-    """/metrics (Prometheus text format) and /healthz (200 healthy, 503 not) on a background thread."""
+    """/metrics (Prometheus text format) and /healthz (200 healthy, 503 not) on a background thread; a
+    daemon component. The socket is bound in `start`, so a port in use fails the daemon's start."""
+
+    name = "metrics"
 
     def __init__(self, metrics: Metrics, host: str, port: int, healthy: Callable[[], tuple[bool, str]]) -> None:
-        self.metrics = metrics
-        self.healthy = healthy
-        metrics_app = make_wsgi_app(metrics.registry)
+        self.metrics, self.host, self.requested_port, self.healthy = metrics, host, port, healthy
+        self.server: WSGIServer | None = None
+        self.thread: threading.Thread | None = None
 
-        def app(environ: dict, start_response: Callable) -> list[bytes]:
+    def _app(self) -> Callable[[dict[str, Any], Callable[..., Any]], list[bytes]]:
+        metrics_app = make_wsgi_app(self.metrics.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
             if environ.get("PATH_INFO") == "/healthz":
                 ok, why = self.healthy()
                 start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
-                return [(why + "\n").encode()]
-            return metrics_app(environ, start_response)
+                return [(("ok: " if ok else "unhealthy: ") + why + "\n").encode()]
+            return list(metrics_app(environ, start_response))
 
-        self.server: WSGIServer = make_server(host, port, app, handler_class=_QuietHandler)
-        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics-http", daemon=True)
+        return app
 
     @property
     def port(self) -> int:
+        assert self.server is not None
         return int(self.server.server_address[1])
 
     def start(self) -> None:
+        try:
+            self.server = make_server(self.host, self.requested_port, self._app(), handler_class=_QuietHandler)
+        except OSError as exc:
+            raise OSError(exc.errno, f"metrics.port {self.requested_port} on {self.host}: {exc.strerror}") from None
+        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics-http", daemon=True)
         self.thread.start()
         log.info("metrics on http://%s:%d/metrics (health: /healthz)", self.server.server_address[0], self.port)
 
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def health(self) -> str:
+        return f"port {self.port}" if self.alive() else "DEAD"
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+        if self.thread is not None:
+            self.thread.join(timeout)
+            return not self.thread.is_alive()
+        return True

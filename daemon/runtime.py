@@ -6,11 +6,13 @@ import ctypes
 import logging
 import multiprocessing
 import os
-from concurrent.futures import Executor
 from pathlib import Path
 
 from poolwatch.pipeline.config import Config
 from poolwatch.pipeline.decode import DecodeSettings, warm_up
+from poolwatch.pipeline.store import Store
+
+from .decode_pool import DecodePool
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +33,10 @@ def num_workers(config: Config) -> int:
     return (os.cpu_count() or 1) if n < 0 else n
 
 
-def decode_settings(config: Config) -> DecodeSettings:
+def decode_settings(config: Config, input_size: int | None = None) -> DecodeSettings:
+    """How files are decoded for a model of `input_size` (default: the configured one)."""
     return DecodeSettings(
-        input_size=config.input_size,
+        input_size=config.input_size if input_size is None else input_size,
         max_pixels=config.check.max_pixels,
         check_corruptness=config.enable_corruptness_check,
         apply_exif=config.check.apply_exif_orientation,
@@ -45,11 +48,9 @@ def decode_timeout(config: Config) -> float | None:
     return seconds if seconds > 0 else None
 
 
-def decode_executor(config: Config) -> Executor | None:
+def decode_executor(config: Config) -> DecodePool | None:
     """A process pool for decoding, each file under check.decode_timeout; forkserver so that workers never
-    inherit the parent's threads or torch."""
-    from .decode_pool import DecodePool
-
+    inherit the parent's threads or torch. None (decode in this process) with loader.num_workers=0."""
     workers = num_workers(config)
     if workers <= 0:
         if decode_timeout(config) is not None:
@@ -58,10 +59,14 @@ def decode_executor(config: Config) -> Executor | None:
         return None
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["poolwatch.pipeline.decode"])
-    executor = DecodePool(workers, decode_timeout(config), context)
-    # Start the workers now, not on the first file: a trickle's first image must not wait for them.
-    for future in [executor.submit(warm_up) for _ in range(workers)]:
-        future.result()
+    executor = DecodePool(workers, lambda: decode_timeout(config), context)
+    try:
+        # Start the workers now, not on the first file: a trickle's first image must not wait for them.
+        for future in [executor.submit(warm_up) for _ in range(workers)]:
+            future.result()
+    except BaseException:
+        executor.shutdown(wait=True, cancel_futures=True)
+        raise
     return executor
 
 
@@ -123,11 +128,24 @@ def trained_model_path(config: Config) -> Path | None:
 
 
 def load_embedder(config: Config, trained: Path | None = None):  # -> Embedder (torch imported lazily)
-    """The configured model, loaded and ready, with its fallbacks logged loudly."""
-    from poolwatch.pipeline.embed import Embedder, ModelSpec, load_model, resolve_device
+    """The configured model, loaded and ready, with its fallbacks logged loudly.
+
+    Random-init weights are seeded by `model.init_seed`, never by the sampling `seed`: null means the
+    store's own random model for this architecture (a store made when `seed` also seeded the weights
+    keeps its model and vectors), else seed 1.
+    """
+    from poolwatch.pipeline.embed import DEFAULT_INIT_SEED, Embedder, ModelSpec, load_model, random_init_seed, resolve_device
+    from poolwatch.pipeline.store import Store
 
     spec = ModelSpec.from_lightly(config.lightly)
     weights = os.environ.get(WEIGHTS_ENV)
+    init_seed = config.model.init_seed
+    if init_seed is None:
+        stored = None
+        if not config.checkpoint and config.store_path.exists():
+            with Store.open(config.store_path, float(config.store.busy_timeout)) as store:
+                stored = random_init_seed(store.models(), spec)
+        init_seed = DEFAULT_INIT_SEED if stored is None else stored
     model = load_model(
         spec,
         models_dir=config.shared_path / "models",
@@ -135,7 +153,7 @@ def load_embedder(config: Config, trained: Path | None = None):  # -> Embedder (
         trained=trained if trained is not None else trained_model_path(config),
         weights_file=Path(weights).expanduser() if weights else None,
         pretrained=bool(config.lightly_get("pre_trained")),
-        seed=config.seed,
+        seed=init_seed,
     )
     for note in model.notes:
         log.warning("%s", note)
@@ -143,3 +161,17 @@ def load_embedder(config: Config, trained: Path | None = None):  # -> Embedder (
     log.info("model %s (%s: %s) on %s, input %dpx, %d-d embeddings, weights %s",
              spec.slug, model.source, model.detail, device, spec.input_size, spec.num_ftrs, model.weights_hash[:12])
     return Embedder(model, device, config.embedding_precision)
+
+
+def write_report(store: Store, run_id: int) -> bool:
+    """Build a run's report; a failure is logged and never fails the run itself (False)."""
+    from poolwatch.pipeline.report import build_report
+
+    try:
+        data = build_report(store, run_id)
+    except Exception:  # the run is committed; its report is a by-product
+        log.exception("the report of run %d failed (the run itself is fine; retry with `poolwatch report %d`)",
+                      run_id, run_id)
+        return False
+    log.info("report of run %d: %s/report.pdf (%d pages)", run_id, data["run"]["output_dir"], data.get("pdf_pages", 0))
+    return True

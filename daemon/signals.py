@@ -1,13 +1,13 @@
-"""Signal handlers that only record (DESIGN §5): the main loop reads what arrived and acts.
+"""Signal handlers that only record (DESIGN §6): the main loop reads what arrived and acts.
 
 Installed by `poolwatch run` before anything heavy is imported, so a signal during start-up (a trigger,
 or `docker stop` of a container whose PID 1 is poolwatch) is kept for the loop instead of killing the
-process or being ignored. A second SIGTERM/SIGINT exits at once.
+process or being ignored. A second SIGTERM/SIGINT sets `hurry`: the stop sequence that is running
+shortens its waits, but still tears down (lock released, pid file removed). Only SIGKILL skips that.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from types import FrameType
@@ -19,9 +19,15 @@ STOP = (signal.SIGTERM, signal.SIGINT)
 class SignalRecorder:
     def __init__(self) -> None:
         self.wake = threading.Event()
-        self.pending: list[int] = []
-        self.stop_requested = False
+        self.stopping = threading.Event()  # the first stop signal
+        self.hurry = threading.Event()  # the second one
+        self._pending: list[int] = []
+        self._lock = threading.Lock()
         self.installed = False
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.stopping.is_set()
 
     def install(self) -> SignalRecorder:
         for sig in HANDLED:
@@ -31,13 +37,14 @@ class SignalRecorder:
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if signum in STOP:
-            if self.stop_requested:
-                os.write(2, b"poolwatch: second stop signal, exiting now\n")
-                os._exit(1)
-            self.stop_requested = True
-        self.pending.append(signum)
+            if self.stopping.is_set():
+                self.hurry.set()
+            self.stopping.set()
+        self._pending.append(signum)  # list.append is atomic; the handler never takes a lock
         self.wake.set()
 
     def take(self) -> list[int]:
-        taken, self.pending[:] = list(self.pending), []
+        with self._lock:
+            taken = self._pending[:]
+            del self._pending[:len(taken)]
         return taken

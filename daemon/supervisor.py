@@ -1,0 +1,154 @@
+"""The supervisor: owns the daemon's components, starts them in order, restarts the ones that die,
+stops them in reverse order — the one stop sequence, for SIGTERM, the graceful timeout, a fatal
+component failure and a second SIGTERM alike.
+
+Starting is transactional: when a component fails to start, the ones already started are stopped
+and `StartError` (one line, the failed component's exit code) is raised. A component that dies is
+restarted with exponential backoff; one that dies `MAX_RESTARTS` times within `RESTART_WINDOW`
+makes `tick()` return exit code 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from poolwatch.pipeline.errors import EXIT_FAILED, PoolwatchError
+
+from .component import Component
+
+log = logging.getLogger(__name__)
+
+MAX_RESTARTS = 5
+RESTART_WINDOW = 600.0
+STOP_SLICE = 0.1  # a stop waits in slices this long, so a second stop signal shortens it at once
+HURRIED_STOP = 2.0  # seconds each remaining component gets once the stop is hurried
+
+
+class StartError(PoolwatchError):
+    """A component could not start; everything that had started was stopped again."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class _Entry:
+    component: Component
+    on_restart: Callable[[], None] | None = None
+    restarts: list[float] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, hurry: threading.Event | None = None,
+                 on_restart_count: Callable[[str], None] = lambda name: None) -> None:
+        self._entries: list[_Entry] = []
+        self._started: list[_Entry] = []
+        self._count_restart = on_restart_count
+        self.hurry = hurry or threading.Event()  # a second stop signal sets it: remaining waits become short
+        self.ready = False
+
+    def add(self, component: Component, on_restart: Callable[[], None] | None = None) -> None:
+        self._entries.append(_Entry(component, on_restart))
+
+    def get(self, name: str) -> Component:
+        return next(e.component for e in self._entries if e.component.name == name)
+
+    # ---- start ----------------------------------------------------------------------------
+    def start(self) -> None:
+        for entry in self._entries:
+            name = entry.component.name
+            try:
+                entry.component.start()
+            except Exception as exc:
+                log.error("%s failed to start: %s", name, exc)
+                self.stop(timeout=10.0)
+                code = exc.exit_code if isinstance(exc, PoolwatchError) else EXIT_FAILED
+                raise StartError(f"{name} failed to start: {_one_line(exc)}", code) from exc
+            self._started.append(entry)
+            log.info("started %s", name)
+        self.ready = True
+
+    def replace(self, name: str, component: Component, timeout: float = 10.0) -> None:
+        """Stop the named component and start `component` in its place (a reload that changes it)."""
+        entry = next(e for e in self._entries if e.component.name == name)
+        entry.component.stop(timeout)
+        entry.component = component
+        component.start()
+        log.info("restarted %s with the new settings", name)
+
+    # ---- supervise ------------------------------------------------------------------------
+    def tick(self) -> int | None:
+        """Restart dead components (with backoff); an exit code when one keeps dying."""
+        now = time.monotonic()
+        for entry in self._started:
+            c = entry.component
+            if c.alive():
+                continue
+            entry.restarts = [t for t in entry.restarts if now - t < RESTART_WINDOW]
+            if len(entry.restarts) >= MAX_RESTARTS:
+                log.critical("%s died %d times in %.0f s; exiting so that systemd/docker restarts poolwatch",
+                             c.name, len(entry.restarts), RESTART_WINDOW)
+                return EXIT_FAILED
+            if entry.restarts and now - entry.restarts[-1] < 2 ** len(entry.restarts):
+                continue  # back off
+            entry.restarts.append(now)
+            self._count_restart(c.name)
+            log.error("%s stopped unexpectedly; restarting it (%d in the last %.0f s)", c.name, len(entry.restarts),
+                      RESTART_WINDOW)
+            try:
+                c.stop(1.0)
+                c.start()
+            except Exception:
+                log.exception("restarting %s failed", c.name)
+                continue
+            if entry.on_restart is not None:
+                entry.on_restart()
+        return None
+
+    def health(self) -> tuple[bool, str]:
+        if not self.ready:
+            return False, "starting"
+        parts = [(e.component.alive(), f"{e.component.name} {e.component.health()}") for e in self._started]
+        ok = all(alive for alive, _ in parts)
+        return ok, ", ".join(text for _, text in parts)
+
+    # ---- stop -----------------------------------------------------------------------------
+    def stop(self, timeout: float) -> bool:
+        """Stop every started component, last started first, within `timeout` in all; True when each
+        stopped in time. Components are told to stop first (intake ends), then waited for."""
+        self.ready = False
+        deadline = time.monotonic() + timeout
+        clean = True
+        for entry in reversed(self._started):
+            c = entry.component
+            while True:
+                left = deadline - time.monotonic()
+                if self.hurry.is_set():
+                    left = min(left, HURRIED_STOP)
+                    deadline = min(deadline, time.monotonic() + HURRIED_STOP)
+                try:
+                    stopped = c.stop(max(0.0, min(STOP_SLICE, left)))
+                except Exception:
+                    log.exception("while stopping %s", c.name)
+                    stopped = True
+                if stopped or left <= STOP_SLICE:
+                    break
+            if not stopped:
+                clean = False
+                log.error("%s did not stop in time; leaving it", c.name)
+            else:
+                log.info("stopped %s", c.name)
+        self._started.clear()
+        return clean
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}{f': {exc.filename}' if exc.filename else ''}"
+    return text.splitlines()[0]
