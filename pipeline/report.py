@@ -4,6 +4,10 @@ Built from the run folder (its CSVs hold the vectors exactly as the run used the
 run's row and decisions), so `poolwatch report RUN` can rebuild it at any time. Memory: pairwise
 distance statistics use at most `memory_requirement_in_GB`; beyond it they are computed on a seeded
 random subsample, and the report says so.
+
+Figures are drawn with matplotlib's object API (a `Figure` on its own Agg canvas, `PdfPages` for the PDF):
+no pyplot, no backend switch, no figure registry, so building a report touches no process-wide state and
+may run in any thread.
 """
 
 from __future__ import annotations
@@ -15,13 +19,17 @@ import textwrap
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .errors import UsageError
 from .export import Naming, read_embeddings_csv
 from .store import Store
-from .errors import UsageError
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 MATRIX_OVERHEAD = 1  # n x n float32s: the condensed distances (half) and the copy a percentile makes (half)
 BLOCK_BYTES = 32 * 1024**2  # the row block of distances computed at a time
@@ -115,7 +123,8 @@ def pca_2d(vectors: np.ndarray) -> np.ndarray:
     centered = vectors - vectors.mean(axis=0)
     _, _, vt = np.linalg.svd(centered, full_matrices=False)
     comps = vt[:2] if vt.shape[0] >= 2 else np.vstack([vt, np.zeros_like(vt)])
-    return centered @ comps.T
+    projected: np.ndarray = centered @ comps.T
+    return projected
 
 
 def _load_csv(path: Path) -> tuple[list[str], np.ndarray]:
@@ -157,12 +166,13 @@ def build_report(store: Store, run_id: int, *, memory_gb: float | None = None, n
     before = pairwise_stats(cand, memory_gb, seed)
     after = pairwise_stats(incl, memory_gb, seed + 1)
     removed_vecs = cand[removed_mask] if len(cand) else cand
-    removed_names = [n for n, r in zip(cand_names, removed_mask) if r]
+    removed_names = [n for n, r in zip(cand_names, removed_mask, strict=True) if r]
     nn_idx, nn_dist = nearest(removed_vecs, incl) if len(removed_vecs) and len(incl) else (np.zeros(0, int), np.zeros(0))
     order = np.argsort(nn_dist, kind="stable")[: n_examples // 2]
     pairs = [{"removed": removed_names[i], "retained": incl_names[int(nn_idx[i])], "distance": float(nn_dist[i])}
              for i in order]
-    farthest = [{"retained": sel_names[i], "rank": i, "distance_at_pick": decisions[i]["distance"] if i < len(decisions) else None}
+    farthest = [{"retained": sel_names[i], "rank": i,
+                 "distance_at_pick": decisions[i]["distance"] if i < len(decisions) else None}
                 for i in range(min(n_examples // 2, len(sel_names)))]
 
     min_distance = config.get("stopping_condition", {}).get("min_distance", -1)
@@ -225,27 +235,23 @@ def _groups(duplicates: dict[str, str]) -> dict[str, Any]:
 def _render(data: dict[str, Any], before: DistanceStats, after: DistanceStats, cand: np.ndarray, incl: np.ndarray,
             removed_mask: np.ndarray, pool_mask: np.ndarray, cand_names: list[str], incl_names: list[str],
             sel_set: set[str], out: Path, naming: Naming, roots: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
     from matplotlib.backends.backend_pdf import PdfPages
 
     figs = {
-        "distance_distr_before": _histogram(plt, before, data["min_distance"], "Pairwise distances of the candidates (before)"),
-        "distance_distr_after": _histogram(plt, after, data["min_distance"], "Pairwise distances of pool ∪ selected (after)"),
-        "embedding_scatter": _scatter(plt, cand, incl, removed_mask, pool_mask),
+        "distance_distr_before": _histogram(before, data["min_distance"], "Pairwise distances of the candidates (before)"),
+        "distance_distr_after": _histogram(after, data["min_distance"], "Pairwise distances of pool ∪ selected (after)"),
+        "embedding_scatter": _scatter(cand, incl, removed_mask, pool_mask),
     }
     for name, fig in figs.items():
         fig.savefig(out / "plots" / f"{name}.png", dpi=110)
-    examples = _examples(plt, data, naming, roots)
+    examples = _examples(data, naming, roots)
     if examples is not None:
         examples.savefig(out / "plots" / "examples.png", dpi=110)
-    pages = [_summary_page(plt, data), figs["distance_distr_before"], figs["distance_distr_after"],
+    pages = [_summary_page(data), figs["distance_distr_before"], figs["distance_distr_after"],
              figs["embedding_scatter"]]
     if examples is not None:
         pages.append(examples)
-    pages.append(_tables_page(plt, data))
+    pages.append(_tables_page(data))
     tmp = out / f".report-{os.getpid()}.pdf"
     with PdfPages(tmp) as pdf:
         for fig in pages:
@@ -255,12 +261,20 @@ def _render(data: dict[str, Any], before: DistanceStats, after: DistanceStats, c
         info["Creator"] = "poolwatch"
     os.replace(tmp, out / "report.pdf")
     data["pdf_pages"] = len(pages)
-    for fig in pages:
-        plt.close(fig)
 
 
-def _text_page(plt: Any, title: str, lines: list[str], size: float = 9.0) -> Any:
-    fig = plt.figure(figsize=PAGE)
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A figure on its own Agg canvas: nothing registered with pyplot, freed with its last reference."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _text_page(title: str, lines: list[str], size: float = 9.0) -> Figure:
+    fig = _figure(PAGE)
     fig.text(0.07, 0.95, title, fontsize=15, weight="bold", va="top")
     fig.text(0.07, 0.91, "\n".join(lines), fontsize=size, va="top", family="monospace")
     return fig
@@ -274,7 +288,7 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def _summary_page(plt: Any, data: dict[str, Any]) -> Any:
+def _summary_page(data: dict[str, Any]) -> Figure:
     r, img, m = data["run"], data["images"], data["model"]
     lines = [
         f"run {r['id']}  trigger {r['trigger']}  method {r['method']}  pool {r['pool'] or '(none: standalone)'}",
@@ -303,7 +317,7 @@ def _summary_page(plt: Any, data: dict[str, Any]) -> Any:
     lines += ["", "resolved configuration (token masked):"]
     cfg = {k: v for k, v in data["config"].items() if k != "lightly"}
     lines += [textwrap.shorten(f"  {k}: {json.dumps(v)}", 95) for k, v in cfg.items()]
-    fig = _text_page(plt, f"poolwatch sampling run {r['id']}", lines, 8.0)
+    fig = _text_page(f"poolwatch sampling run {r['id']}", lines, 8.0)
     if m and m["random_init"]:
         fig.text(0.07, 0.035, "WARNING: embeddings come from RANDOM weights - distances carry little meaning.\n"
                  "Give checkpoint=PATH, lightly's pretrained weights, or enable_training=true.",
@@ -311,12 +325,13 @@ def _summary_page(plt: Any, data: dict[str, Any]) -> Any:
     return fig
 
 
-def _histogram(plt: Any, stats: DistanceStats, min_distance: float | None, title: str) -> Any:
-    fig, ax = plt.subplots(figsize=(8.27, 5.5))
+def _histogram(stats: DistanceStats, min_distance: float | None, title: str) -> Figure:
+    fig = _figure((8.27, 5.5))
+    ax = fig.subplots()
     d = stats.distances
     if d.size:
         counts, edges = np.histogram(d, bins=min(100, max(10, int(math.sqrt(d.size)))))  # no copy of d
-        ax.hist(edges[:-1], bins=edges, weights=counts, color="steelblue", log=True)
+        ax.hist(edges[:-1], bins=edges.tolist(), weights=counts, color="steelblue", log=True)
     else:
         ax.text(0.5, 0.5, "fewer than 2 points: no pairwise distances", ha="center", va="center", transform=ax.transAxes)
     if min_distance is not None:
@@ -330,9 +345,10 @@ def _histogram(plt: Any, stats: DistanceStats, min_distance: float | None, title
     return fig
 
 
-def _scatter(plt: Any, cand: np.ndarray, incl: np.ndarray, removed_mask: np.ndarray, pool_mask: np.ndarray,
-             limit: int = 20_000) -> Any:
-    fig, ax = plt.subplots(figsize=(8.27, 6.5))
+def _scatter(cand: np.ndarray, incl: np.ndarray, removed_mask: np.ndarray, pool_mask: np.ndarray,
+             limit: int = 20_000) -> Figure:
+    fig = _figure((8.27, 6.5))
+    ax = fig.subplots()
     # Drawn in this order so the selected points stay visible on top.
     parts = [(cand[removed_mask] if len(cand) else cand, "removed", "#1f77b4"),
              (incl[pool_mask] if len(incl) else incl, "pool", "#999999"),
@@ -341,8 +357,8 @@ def _scatter(plt: Any, cand: np.ndarray, incl: np.ndarray, removed_mask: np.ndar
     if parts:
         rng = np.random.default_rng(0)
         proj = pca_2d(np.vstack([v for v, _, _ in parts]))
-        offsets = np.cumsum([0] + [len(v) for v, _, _ in parts])
-        for (v, label, color), s in zip(parts, offsets):
+        offsets = np.cumsum([0] + [len(v) for v, _, _ in parts[:-1]])
+        for (v, label, color), s in zip(parts, offsets, strict=True):
             pts = proj[s:s + len(v)]
             if len(pts) > limit:
                 pts = pts[rng.choice(len(pts), limit, replace=False)]
@@ -357,7 +373,7 @@ def _scatter(plt: Any, cand: np.ndarray, incl: np.ndarray, removed_mask: np.ndar
     return fig
 
 
-def _thumb(naming: Naming, roots: list[str], name: str, size: int = 256) -> Any:
+def _thumb(naming: Naming, roots: list[str], name: str, size: int = 256) -> np.ndarray | None:
     from PIL import Image, ImageOps
 
     parsed = naming.parse(name)
@@ -365,22 +381,23 @@ def _thumb(naming: Naming, roots: list[str], name: str, size: int = 256) -> Any:
         return None
     path = Path(parsed[0]) / parsed[1]
     try:
-        with Image.open(path) as im:
-            im.draft("RGB", (size, size))
-            im = ImageOps.exif_transpose(im).convert("RGB")
+        with Image.open(path) as source:
+            source.draft("RGB", (size, size))
+            im = ImageOps.exif_transpose(source).convert("RGB")
             im.thumbnail((size, size))
             return np.asarray(im)
     except Exception:  # noqa: BLE001 - a thumbnail that cannot be made is shown as missing
         return None
 
 
-def _examples(plt: Any, data: dict[str, Any], naming: Naming, roots: list[str]) -> Any:
+def _examples(data: dict[str, Any], naming: Naming, roots: list[str]) -> Figure | None:
     pairs = data["examples"]["closest_removed"]
     picks = data["examples"]["farthest_retained"]
     if not pairs and not picks:
         return None
     rows = len(pairs) + math.ceil(len(picks) / 2)
-    fig, axes = plt.subplots(rows, 2, figsize=PAGE, squeeze=False)
+    fig = _figure(PAGE)
+    axes = fig.subplots(rows, 2, squeeze=False)
     fig.suptitle("Removed images beside their nearest retained image (closest first),\nthen the first picks "
                  "(farthest from everything before them)", fontsize=11)
     for r, pair in enumerate(pairs):
@@ -398,7 +415,7 @@ def _examples(plt: Any, data: dict[str, Any], naming: Naming, roots: list[str]) 
     return fig
 
 
-def _show(ax: Any, image: Any, title: str) -> None:
+def _show(ax: Axes, image: np.ndarray | None, title: str) -> None:
     if image is not None:
         ax.imshow(image)
     else:
@@ -408,7 +425,7 @@ def _show(ax: Any, image: Any, title: str) -> None:
     ax.set_yticks([])
 
 
-def _tables_page(plt: Any, data: dict[str, Any], limit: int = 45) -> Any:
+def _tables_page(data: dict[str, Any], limit: int = 45) -> Figure:
     corrupt = data["corrupt_files"]
     lines = [f"corrupt files: {len(corrupt)}"]
     lines += [f"  {textwrap.shorten(c['file'], 55):<56} {c['reason']}" for c in corrupt[:limit]]
@@ -419,4 +436,4 @@ def _tables_page(plt: Any, data: dict[str, Any], limit: int = 45) -> Any:
     for g in groups["first"]:
         lines.append(f"  {textwrap.shorten(g['original'], 50)} <- {len(g['duplicates'])}: "
                      + textwrap.shorten(", ".join(g["duplicates"]), 50))
-    return _text_page(plt, "Corrupt files and exact duplicates", lines, 8.0)
+    return _text_page("Corrupt files and exact duplicates", lines, 8.0)
