@@ -16,7 +16,7 @@ import json
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from omegaconf import OmegaConf
@@ -33,6 +33,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
 from .errors import UsageError
 
 MASK = "***"
@@ -54,11 +55,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-Number = Union[StrictInt, StrictFloat]
+Number = StrictInt | StrictFloat
 
 
 class StoppingCondition(_Section):
-    n_samples: Union[StrictInt, StrictFloat] = -1
+    n_samples: StrictInt | StrictFloat = -1
     min_distance: Number = -1.0
 
     @field_validator("n_samples")
@@ -149,13 +150,31 @@ class StoreSettings(_Section):
     busy_timeout: Number = Field(30, ge=0)
 
 
+class ModelSettings(_Section):
+    """poolwatch's own model options (lightly's architecture keys stay under `lightly.model`).
+
+    Nothing a sampling option sets reaches the model: `seed` seeds sampling only.
+    """
+
+    # None: the store's own random-init model (its seed read from the store), else 1. See
+    # daemon/runtime.load_embedder and pipeline/embed.random_init_seed.
+    init_seed: StrictInt | None = None
+
+    @field_validator("init_seed", mode="before")
+    @classmethod
+    def _init_seed(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63):
+            return v
+        raise ValueError("allowed: null (the store's random-init model, else seed 1) or an int >= 0")
+
+
 class Config(_Section):
     token: SecretStr = SecretStr("")
     sanity_check: StrictBool = False
     enable_corruptness_check: StrictBool = True
     remove_exact_duplicates: StrictBool = True
     dump_dataset: StrictBool = False
-    output_image_size: Union[StrictInt, list[StrictInt]] = -1
+    output_image_size: StrictInt | list[StrictInt] = -1
     output_image_format: str = "png"
     checkpoint: str = ""
     embeddings: str = ""
@@ -173,6 +192,7 @@ class Config(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     embedding_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     graceful_timeout: Number = Field(30, gt=0)
+    model: ModelSettings = Field(default_factory=ModelSettings)
     check: CheckSettings = Field(default_factory=CheckSettings)
     watch: WatchSettings = Field(default_factory=WatchSettings)
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
@@ -315,7 +335,8 @@ def _check_lightly(values: Any, schema: dict[str, Any], prefix: str = "lightly")
                 raise ConfigError(f"{full}: invalid value {value!r}; allowed: {allowed}")
             continue
         if not _same_kind(value, default):
-            raise ConfigError(f"{full}: invalid value {value!r}; allowed: {_kind_name(default)} (lightly's default is {default!r})")
+            raise ConfigError(f"{full}: invalid value {value!r}; allowed: {_kind_name(default)}"
+                              f" (lightly's default is {default!r})")
 
 
 def _same_kind(value: Any, default: Any) -> bool:

@@ -13,6 +13,11 @@ Where the weights come from, first match wins:
    `<shared_dir>/models/`, torch hub's cache, else lightly's URL (short timeout), saved in both;
 4. random weights, seeded, saved as `<shared_dir>/models/random-<arch>-seed<seed>.pt` on first use
    and reused on every later start so vectors never change across restarts.
+
+The random-init seed is the model's own (`model.init_seed`), never the sampling `seed`: with
+`model.init_seed: null` the caller asks `random_init_seed` for the seed of the store's own random
+model (a store made when `seed` still seeded the weights keeps the model it has), else 1.
+A model's identity (`Embedder.identity`) is its weights hash (and precision): no seed enters it.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import re
 import tempfile
 import urllib.request
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,9 +40,14 @@ from torch import nn
 
 from .errors import ModelError
 
+if TYPE_CHECKING:
+    from .store import ModelRecord
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DOWNLOAD_TIMEOUT_S = 10.0
+DEFAULT_INIT_SEED = 1
+_RANDOM_DETAIL_RE = re.compile(r"^seed (\d+)$")
 
 
 @dataclass(frozen=True)
@@ -147,7 +158,8 @@ def load_state(module: nn.Module, state: Any, spec: ModelSpec, origin: str) -> N
     except RuntimeError as exc:
         text = str(exc)
         missing = re.search(r'Missing key\(s\) in state_dict: ([^\n]*)', text)
-        sizes = re.search(r'size mismatch for ([^:]+): copying a param with shape (torch.Size\(\[[^\]]*\]\)) from checkpoint, the shape in current model is (torch.Size\(\[[^\]]*\]\))', text)
+        sizes = re.search(r'size mismatch for ([^:]+): copying a param with shape (torch.Size\(\[[^\]]*\]\)) from checkpoint,'
+                          r' the shape in current model is (torch.Size\(\[[^\]]*\]\))', text)
         ftrs = _checkpoint_num_ftrs(state)
         if ftrs is not None and ftrs != spec.num_ftrs:
             why = f"it was made for num_ftrs={ftrs} ({ftrs}-d embeddings); set lightly.model.num_ftrs={ftrs} to use it"
@@ -189,7 +201,11 @@ def load_model(spec: ModelSpec, *, models_dir: Path, checkpoint: Path | None = N
                weights_file: Path | None = None,
                pretrained: bool = True, seed: int = 1, hub_dir: Path | None = None,
                timeout: float = DOWNLOAD_TIMEOUT_S) -> LoadedModel:
-    """Build the model and load its weights (see the module docstring for the order)."""
+    """Build the model and load its weights (see the module docstring for the order).
+
+    `seed` seeds the random-init weights only (step 4): the resolved `model.init_seed`, never the
+    sampling `seed`.
+    """
     from lightly.models import ZOO
 
     try:
@@ -231,18 +247,42 @@ def load_model(spec: ModelSpec, *, models_dir: Path, checkpoint: Path | None = N
         load_state(module, _torch_load(path), spec, str(path))
     else:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # The CPU generator only (the weights are made on the CPU): torch.manual_seed would also
+            # seed every CUDA device, which fork_rng(devices=[]) does not restore.
+            torch.default_generator.manual_seed(seed)
             module = build_module(spec)
         buf = io.BytesIO()
         # The "model." prefix makes it a lightly-style checkpoint that lightly-embed can load too.
         torch.save({"state_dict": {f"model.{k}": v for k, v in module.state_dict().items()}}, buf)
         _write_atomic(path, buf.getvalue())
     notes.append(
-        "embeddings come from RANDOM weights (saved in %s and reused); for meaningful embeddings give "
-        "checkpoint=PATH, place lightly's pretrained file in %s (or point POOLWATCH_WEIGHTS at it), "
-        "or set enable_training=true" % (path, models_dir)
+        f"embeddings come from RANDOM weights (saved in {path} and reused); for meaningful embeddings give "
+        f"checkpoint=PATH, place lightly's pretrained file in {models_dir} (or point POOLWATCH_WEIGHTS at it), "
+        "or set enable_training=true"
     )
     return _finish(module, spec, "random", f"seed {seed}", path, notes)
+
+
+def random_init_seed(models: Iterable[ModelRecord], spec: ModelSpec) -> int | None:
+    """The seed of the store's own random-init model for this architecture, or None when it has none.
+
+    `models` are the store's model rows. Candidates are the `random` rows whose detail is "seed N" and
+    whose architecture is `spec`'s (the precision aside: it does not change the weights); the current
+    one wins, then one at `spec`'s input size, then the newest. The weights file need not exist: the
+    seed rebuilds the same weights. This is how `model.init_seed: null` keeps the model of a store
+    made when the sampling `seed` also seeded the weights.
+    """
+    best: tuple[tuple[bool, bool, int], int] | None = None
+    for record in models:
+        match = _RANDOM_DETAIL_RE.match(record.detail or "")
+        if record.source != "random" or match is None:
+            continue
+        if {k: v for k, v in record.arch.items() if k != "precision"} != spec.arch():
+            continue
+        rank = (record.is_current, record.input_size == spec.input_size, record.id)
+        if best is None or rank > best[0]:
+            best = (rank, int(match.group(1)))
+    return None if best is None else best[1]
 
 
 def resolve_device(device: str) -> torch.device:
