@@ -53,9 +53,11 @@ class ModelManager(ThreadComponent):
 
     def __init__(self, settings: Callable[[], Config], metrics: Metrics,
                  sampler_running: Callable[[], bool] = lambda: False,
-                 on_switch: Callable[[], None] = lambda: None) -> None:
+                 on_switch: Callable[[], None] = lambda: None,
+                 loader: Callable[[Config], Embedder] | None = None) -> None:
         super().__init__()
         self.settings, self.metrics = settings, metrics
+        self.load = loader or runtime.load_embedder  # tests wrap the real loader to inject model faults
         self.sampler_running, self.on_switch = sampler_running, on_switch
         self._state: ModelState | None = None
         self._lock = threading.Lock()
@@ -70,7 +72,7 @@ class ModelManager(ThreadComponent):
         if self._state is None:
             cfg = self.settings()
             runtime.configure_torch_threads()
-            self._activate(cfg, runtime.load_embedder(cfg))
+            self._activate(cfg, self.load(cfg))
         super().start()
 
     def _activate(self, cfg: Config, embedder: Embedder) -> tuple[int, int, int]:
@@ -94,7 +96,7 @@ class ModelManager(ThreadComponent):
         from poolwatch.pipeline.errors import PoolwatchError
 
         try:
-            embedder = runtime.load_embedder(new)
+            embedder = self.load(new)
         except PoolwatchError as exc:
             log.error("reload failed, keeping the running configuration and model: %s", exc)
             return False

@@ -6,6 +6,7 @@ import ctypes
 import logging
 import multiprocessing
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from poolwatch.pipeline.config import Config
@@ -48,9 +49,10 @@ def decode_timeout(config: Config) -> float | None:
     return seconds if seconds > 0 else None
 
 
-def decode_executor(config: Config) -> DecodePool | None:
-    """A process pool for decoding, each file under check.decode_timeout; forkserver so that workers never
-    inherit the parent's threads or torch. None (decode in this process) with loader.num_workers=0."""
+def decode_executor(config: Config, timeout: Callable[[], float | None] | None = None) -> DecodePool | None:
+    """A process pool for decoding, each file under check.decode_timeout (or `timeout()`, read at every
+    file: the daemon passes its current settings'); forkserver so that workers never inherit the parent's
+    threads or torch. None (decode in this process) with loader.num_workers=0."""
     workers = num_workers(config)
     if workers <= 0:
         if decode_timeout(config) is not None:
@@ -59,7 +61,7 @@ def decode_executor(config: Config) -> DecodePool | None:
         return None
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["poolwatch.pipeline.decode"])
-    executor = DecodePool(workers, lambda: decode_timeout(config), context)
+    executor = DecodePool(workers, timeout or (lambda: decode_timeout(config)), context)
     try:
         # Start the workers now, not on the first file: a trickle's first image must not wait for them.
         for future in [executor.submit(warm_up) for _ in range(workers)]:

@@ -84,7 +84,7 @@ class Service:
 
     def _build(self) -> None:
         cfg, s = self.config, self.settings
-        self.decoders = DecodeWorkers(lambda: runtime.decode_executor(self.settings()))
+        self.decoders = DecodeWorkers(lambda: runtime.decode_executor(cfg, lambda: runtime.decode_timeout(self.settings())))
         self.sampler = Sampler(s, self.metrics)
         self.models = ModelManager(s, self.metrics, sampler_running=lambda: self.sampler.running,
                                    on_switch=lambda: self.reconciler.request())

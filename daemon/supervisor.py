@@ -26,6 +26,7 @@ MAX_RESTARTS = 5
 RESTART_WINDOW = 600.0
 STOP_SLICE = 0.1  # a stop waits in slices this long, so a second stop signal shortens it at once
 HURRIED_STOP = 2.0  # seconds each remaining component gets once the stop is hurried
+STOP_FLOOR = 0.5  # seconds each component gets even when the graceful timeout has passed
 
 
 class StartError(PoolwatchError):
@@ -45,7 +46,8 @@ class _Entry:
 
 class Supervisor:
     def __init__(self, hurry: threading.Event | None = None,
-                 on_restart_count: Callable[[str], None] = lambda name: None) -> None:
+                 on_restart_count: Callable[[str], None] = lambda name: None, backoff: float = 1.0) -> None:
+        self.backoff = backoff  # seconds before the first restart; doubled for each further one
         self._entries: list[_Entry] = []
         self._started: list[_Entry] = []
         self._count_restart = on_restart_count
@@ -94,7 +96,7 @@ class Supervisor:
                 log.critical("%s died %d times in %.0f s; exiting so that systemd/docker restarts poolwatch",
                              c.name, len(entry.restarts), RESTART_WINDOW)
                 return EXIT_FAILED
-            if entry.restarts and now - entry.restarts[-1] < 2 ** len(entry.restarts):
+            if entry.restarts and now - entry.restarts[-1] < self.backoff * 2 ** len(entry.restarts):
                 continue  # back off
             entry.restarts.append(now)
             self._count_restart(c.name)
@@ -126,17 +128,20 @@ class Supervisor:
         clean = True
         for entry in reversed(self._started):
             c = entry.component
+            own = max(deadline, time.monotonic() + STOP_FLOOR)  # even past the deadline, a short chance
+            hurried_at: float | None = None
             while True:
-                left = deadline - time.monotonic()
+                now = time.monotonic()
                 if self.hurry.is_set():
-                    left = min(left, HURRIED_STOP)
-                    deadline = min(deadline, time.monotonic() + HURRIED_STOP)
+                    hurried_at = hurried_at or now
+                    own = min(own, hurried_at + HURRIED_STOP)
+                left = own - now
                 try:
                     stopped = c.stop(max(0.0, min(STOP_SLICE, left)))
                 except Exception:
                     log.exception("while stopping %s", c.name)
                     stopped = True
-                if stopped or left <= STOP_SLICE:
+                if stopped or left <= 0:
                     break
             if not stopped:
                 clean = False

@@ -150,8 +150,18 @@ class Daemon:
                                          stderr=subprocess.STDOUT, start_new_session=True,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         if wait_ready:
-            wait_for(lambda: "poolwatch daemon ready" in self.log(), START_TIMEOUT, f"{self.name} to be ready", self)
+            self.wait_ready()
         return self
+
+    def ready(self) -> bool:
+        """/healthz answers 200 once every component has started (503 "starting" before)."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            pytest.fail(f"{self.name} exited with {self.proc.returncode} during start-up\n{self.tail()}")
+        return http_get(f"http://127.0.0.1:{self.port}/healthz", timeout=1.0)[0] == 200
+
+    def wait_ready(self) -> None:
+        wait_for(self.ready, START_TIMEOUT, f"{self.name} to be ready (/healthz 200)", self, interval=0.1)
 
     @property
     def pid(self) -> int:
@@ -659,7 +669,7 @@ def test_schedule_sd_notify_and_lock(tmp_path: Path, daemons: list[Daemon]) -> N
         assert second.returncode != 0
         assert f"pid {d.pid}" in second.stderr and "another poolwatch process" in second.stderr, second.stderr
         assert d.proc is not None and d.proc.poll() is None
-        assert (shared / "poolwatch.pid").read_text().strip() == str(d.pid)
+        assert (shared / "poolwatch.pid").read_text().split() == [str(d.pid), "run"]
         assert http_get(f"http://127.0.0.1:{d.port}/healthz")[0] == 200
         n = len(schedule_runs())
         wait_for(lambda: len(schedule_runs()) > n, 15, "the schedule to go on after the refused start", d)
