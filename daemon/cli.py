@@ -283,7 +283,8 @@ def cmd_sample(config: Config, args: argparse.Namespace) -> int:
             train_and_switch(config)
             summary = ingest_once(config)  # re-embeds the store with the trained model
         extra = {"compute_efficiency": round(summary.compute_efficiency, 4) if summary.processed else None,
-                 "ingest": {"processed": summary.processed, "seconds": round(summary.seconds, 3)}}
+                 "ingest": {"processed": summary.processed, "forward_passes": summary.forward_passes,
+                            "seconds": round(summary.seconds, 3)}}
     with open_store(config) as store:
         for line in recover(store, config.shared_path):
             log.warning("recovery: %s", line)
@@ -295,7 +296,8 @@ def cmd_sample(config: Config, args: argparse.Namespace) -> int:
              result.run_id, result.n_selected, result.n_candidates, result.stop_reason, result.pool_before,
              result.pool_after, result.output_dir)
     if args.json:
-        print(json.dumps({**row, "pool_before": result.pool_before, "pool_after": result.pool_after}))
+        ingest = {"ingest": extra["ingest"]} if "ingest" in extra else {}
+        print(json.dumps({**row, **ingest, "pool_before": result.pool_before, "pool_after": result.pool_after}))
     else:
         print(f"run {result.run_id}: selected {result.n_selected} of {result.n_candidates} candidates "
               f"({result.stop_reason}); pool {result.pool_before} -> {result.pool_after}; {result.output_dir}")
