@@ -17,11 +17,16 @@ import io
 import os
 import struct
 import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from types import MappingProxyType
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps
+
+if TYPE_CHECKING:
+    from PIL._imaging import ImagingDecoder  # what Image._getdecoder returns for Pillow's C decoders
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg",
@@ -38,7 +43,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 
 # Pillow format names a file with that extension may legitimately contain.  MPO is how Pillow reports a
 # JPEG carrying CIPA multi-picture data (many phone and stereo cameras); Pillow reads PGM as "PPM".
-_EXTENSION_FORMATS: dict[str, frozenset[str]] = {
+_EXTENSION_FORMATS: Mapping[str, frozenset[str]] = MappingProxyType({
     ".jpg": frozenset({"JPEG", "MPO"}),
     ".jpeg": frozenset({"JPEG", "MPO"}),
     ".png": frozenset({"PNG"}),
@@ -48,7 +53,7 @@ _EXTENSION_FORMATS: dict[str, frozenset[str]] = {
     ".tif": frozenset({"TIFF"}),
     ".tiff": frozenset({"TIFF"}),
     ".webp": frozenset({"WEBP"}),
-}
+})
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb error threshold (2 * MAX_IMAGE_PIXELS)
 
@@ -251,7 +256,7 @@ def _ends_early(data: bytes, fmt: str | None) -> bool:
     try:
         if fmt in ("JPEG", "MPO"):
             _jpeg_layout(data)
-        elif fmt in _STRUCTURE_CHECKS:
+        elif fmt is not None and fmt in _STRUCTURE_CHECKS:
             _STRUCTURE_CHECKS[fmt](data)
     except _Bad as bad:
         return bad.reason is Reason.TRUNCATED
@@ -269,7 +274,7 @@ def _decode_strict(im: ImageFile.ImageFile, data: bytes) -> None:
     if fmt in ("JPEG", "MPO"):
         _decode_jpeg(im, data)
         return
-    structure_check = _STRUCTURE_CHECKS.get(fmt)
+    structure_check = _STRUCTURE_CHECKS.get(fmt) if fmt is not None else None
     if structure_check is not None:
         structure_check(data)
     im.load()
@@ -333,7 +338,7 @@ def _upright(im: Image.Image) -> Image.Image:
         return im
     try:
         return ImageOps.exif_transpose(im)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - as above: an orientation Pillow cannot apply leaves the image as stored
         return im
 
 
@@ -373,7 +378,8 @@ def _check_webp(data: bytes) -> None:
         )
 
 
-_TIFF_VALUE_CODES = {3: "H", 4: "I"}  # SHORT, LONG: the types strip/tile offsets and counts use
+# SHORT, LONG: the types strip/tile offsets and counts use
+_TIFF_VALUE_CODES: Mapping[int, str] = MappingProxyType({3: "H", 4: "I"})
 _TIFF_EXTENTS = ((273, 279), (324, 325))  # (StripOffsets, StripByteCounts), (TileOffsets, TileByteCounts)
 _TIFF_MAX_PAGES = 10_000
 
@@ -405,7 +411,8 @@ def _check_tiff(data: bytes) -> None:
             if any(tag in pair for pair in _TIFF_EXTENTS) and kind in _TIFF_VALUE_CODES:
                 values[tag] = _tiff_values(data, order, kind, n, inline, page)
         for offsets_tag, counts_tag in _TIFF_EXTENTS:
-            for start, length in zip(values.get(offsets_tag, ()), values.get(counts_tag, ())):
+            # strict=False: a damaged file may list more offsets than counts (or fewer); the pairs are checked
+            for start, length in zip(values.get(offsets_tag, ()), values.get(counts_tag, ()), strict=False):
                 if start + length > len(data):
                     raise _Bad(Reason.TRUNCATED, f"TIFF data ends inside the pixel data of page {page}")
         offset = struct.unpack_from(order + "I", data, next_pointer)[0]
@@ -466,7 +473,9 @@ def _skip_gif_sub_blocks(data: bytes, pos: int) -> int:
     return len(data) + 1
 
 
-_STRUCTURE_CHECKS = {"PNG": _check_png, "WEBP": _check_webp, "TIFF": _check_tiff, "GIF": _check_gif}
+_STRUCTURE_CHECKS: Mapping[str, Callable[[bytes], None]] = MappingProxyType(
+    {"PNG": _check_png, "WEBP": _check_webp, "TIFF": _check_tiff, "GIF": _check_gif}
+)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -498,7 +507,8 @@ _PAD = b"\xff\x00" * 9
 _MAX_SCANS = 500  # legitimate encoders emit fewer than ~30; each scan walks every MCU of the image
 
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_STRICT_SOF = {0xC0: False, 0xC1: False, 0xC2: True}  # Huffman baseline/extended/progressive -> progressive?
+# Huffman baseline/extended/progressive -> progressive?
+_STRICT_SOF: Mapping[int, bool] = MappingProxyType({0xC0: False, 0xC1: False, 0xC2: True})
 _NOT_MARKER = (b"", b"\x00", b"\xff")
 _STANDALONE = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})
 
@@ -561,7 +571,8 @@ class _MarkerIndex:
 
     def restart_numbers_between(self, start: int, end: int) -> np.ndarray:
         lo, hi = np.searchsorted(self.restarts, (start, end))
-        return self.restart_numbers[lo:hi]
+        numbers: np.ndarray = self.restart_numbers[int(lo) : int(hi)]
+        return numbers
 
 
 class _JpegLayout(NamedTuple):
@@ -762,7 +773,7 @@ def _decoder_error(status: int) -> _Bad:
 class _JpegFeeder:
     """Pushes bytes into a Pillow JPEG decoder the way `ImageFile.load` does, keeping the unused tail."""
 
-    def __init__(self, decoder: Image.core.ImagingDecoder) -> None:
+    def __init__(self, decoder: ImagingDecoder | ImageFile.PyDecoder) -> None:
         self.decoder = decoder
         self.pending = b""
         self.finished = False

@@ -49,7 +49,7 @@ def preprocess(image: Image.Image, input_size: int) -> np.ndarray:
     """An image → input_size×input_size×3 uint8, resized exactly as torchvision's Resize does on PIL images."""
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return np.asarray(image.resize((input_size, input_size), Image.BILINEAR), dtype=np.uint8)
+    return np.asarray(image.resize((input_size, input_size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def read_and_decode(ref: FileRef, settings: DecodeSettings) -> Decoded:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
 from .errors import UsageError
 
 
@@ -71,9 +72,8 @@ def printable(name: str) -> str:
 def labels_for(relpaths: Sequence[str], folders: Sequence[str] | None = None) -> list[int]:
     """lightly-style labels: index of the top-level sub-folder among `folders` (default: those of
     `relpaths`), sorted; 0 for files at the top."""
-    if folders is None:
-        folders = {r.split("/", 1)[0] for r in relpaths if "/" in r}
-    index = {f: i for i, f in enumerate(sorted(folders))}
+    names = sorted({r.split("/", 1)[0] for r in relpaths if "/" in r} if folders is None else folders)
+    index = {f: i for i, f in enumerate(names)}
     return [index[r.split("/", 1)[0]] if "/" in r else 0 for r in relpaths]
 
 
@@ -86,7 +86,7 @@ def write_embeddings_csv(path: Path, filenames: Sequence[str], vectors: np.ndarr
     with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as fh:
         writer = csv.writer(fh)
         writer.writerow(["filenames", *(f"embedding_{i}" for i in range(dim)), "labels"])
-        for name, vec, label in zip(filenames, vectors, labels):
+        for name, vec, label in zip(filenames, vectors, labels, strict=True):
             # 9 significant digits round-trip float32 exactly.
             writer.writerow([name, *(format(float(x), ".9g") for x in vec), int(label)])
 
@@ -164,11 +164,9 @@ def dump_image(src: Path, dest: Path, *, size: int | Sequence[int], fmt: str, ap
         image.load()
     w, h = output_size(size, *image.size)
     if (w, h) != image.size:
-        image = image.resize((w, h), Image.BICUBIC)
+        image = image.resize((w, h), Image.Resampling.BICUBIC)
     save_format = Image.registered_extensions()["." + fmt]
-    if save_format in ("JPEG",) and image.mode not in ("RGB", "L"):
-        image = image.convert("RGB")
-    elif image.mode not in ("RGB", "RGBA", "L", "LA", "P"):
+    if (save_format == "JPEG" and image.mode not in ("RGB", "L")) or image.mode not in ("RGB", "RGBA", "L", "LA", "P"):
         image = image.convert("RGB")
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".dump-")

@@ -123,7 +123,7 @@ def import_embeddings(store: Store, path: Path) -> tuple[int, list[int]]:
     preselected: list[int] = []
     keep = set()
     with store.transaction():
-        for name, vec, masked, selected in zip(data.filenames, data.vectors, data.masked, data.selected):
+        for name, vec, masked, selected in zip(data.filenames, data.vectors, data.masked, data.selected, strict=True):
             if masked:
                 continue
             keep.add(name)
@@ -191,7 +191,7 @@ def sample_run(store: Store, config: Config, *, trigger: str, now: datetime | No
 
         decisions = [
             (int(image_id), True, rank, None if not np.isfinite(dist) else float(dist))
-            for rank, (image_id, dist) in enumerate(zip(picked, selection.distances))
+            for rank, (image_id, dist) in enumerate(zip(picked, selection.distances, strict=True))
         ] + [(image_id, False, None, None) for image_id in removed]
         stats = {**(extra_stats or {}), "stages": stages, "pool_before": len(pool_ids), "preselected": len(preselected or []),
                  "normalized": config.normalize_embeddings, "dim": int(cand.shape[1]) if cand.ndim == 2 else 0}
@@ -225,7 +225,7 @@ def output_names(store: Store, config: Config, ids: np.ndarray | list[int]) -> t
         by_root.setdefault(root, []).append(rel)
     label_of = {}
     for root, rels in by_root.items():
-        for rel, label in zip(rels, labels_for(rels, store.top_folders(root))):
+        for rel, label in zip(rels, labels_for(rels, store.top_folders(root)), strict=True):
             label_of[(root, rel)] = label
     for i in ids:
         root, rel = paths[int(i)]
@@ -257,12 +257,14 @@ def _write_outputs(store: Store, config: Config, out: Path, cand_ids: np.ndarray
     naming = Naming.for_roots([str(p) for p in config.input_paths])
     write_lines(out / "filenames" / "corrupt_filenames.txt", (naming.name(r["root"], r["relpath"]) for r in corrupt))
     reasons = {naming.name(r["root"], r["relpath"]): {"reason": r["reason"], "detail": r["detail"]} for r in corrupt}
-    (out / "filenames" / "corrupt_filenames.json").write_text(json.dumps(reasons, indent=1, ensure_ascii=False), encoding="utf-8", errors="backslashreplace")
+    (out / "filenames" / "corrupt_filenames.json").write_text(json.dumps(reasons, indent=1, ensure_ascii=False),
+                                                             encoding="utf-8", errors="backslashreplace")
     originals = store.paths(r["duplicate_of"] for r in duplicates if r["duplicate_of"])
     write_lines(out / "filenames" / "duplicate_filenames.txt", (naming.name(r["root"], r["relpath"]) for r in duplicates))
     dup_map = {naming.name(r["root"], r["relpath"]): naming.name(*originals[r["duplicate_of"]])
                for r in duplicates if r["duplicate_of"] in originals}
-    (out / "filenames" / "duplicate_filenames.json").write_text(json.dumps(dup_map, indent=1, ensure_ascii=False), encoding="utf-8", errors="backslashreplace")
+    (out / "filenames" / "duplicate_filenames.json").write_text(json.dumps(dup_map, indent=1, ensure_ascii=False),
+                                                               encoding="utf-8", errors="backslashreplace")
 
 
 def write_pool_files(store: Store, config: Config, pool: str, model_id: int, history_name: str | None) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import sqlite_utils
+
 from .errors import PoolwatchError
 
 STATUSES = ("pending", "ok", "corrupt", "duplicate", "missing")
@@ -32,7 +33,7 @@ class StoreError(PoolwatchError, RuntimeError):
 
 
 # Migration N brings the schema from version N-1 to N. Append only; never edit a released one.
-MIGRATIONS: list[str] = [
+MIGRATIONS: tuple[str, ...] = (
     # 1: the base schema
     """
     CREATE TABLE images (
@@ -113,7 +114,7 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE images ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
     """,
-]
+)
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,13 @@ def _enc(path: str) -> str | bytes:
 
 def _dec(value: str | bytes) -> str:
     return value if isinstance(value, str) else os.fsdecode(value)
+
+
+def _inserted_id(cur: sqlite3.Cursor) -> int:
+    """The rowid of the row that `cur`'s INSERT just made."""
+    if cur.lastrowid is None:  # sqlite3 sets it on every successful INSERT
+        raise StoreError("the database reported no id for the row just inserted")
+    return cur.lastrowid
 
 
 def _row(row: dict[str, Any]) -> dict[str, Any]:
@@ -268,7 +276,7 @@ class Store:
                 " attempts, updated, root, relpath, first_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (*values, root, relpath, now),
             )
-            return int(cur.lastrowid)
+            return _inserted_id(cur)
         image_id = int(row[0])
         old = self.conn.execute("SELECT hash FROM images WHERE id = ?", (image_id,)).fetchone()
         self.conn.execute(
@@ -299,7 +307,8 @@ class Store:
     def mark_missing(self, root: str, relpaths: Iterable[str]) -> int:
         now = time.time()
         cur = self.conn.executemany(
-            "UPDATE images SET status='missing', reason=NULL, detail=NULL, updated=? WHERE root=? AND relpath=? AND status != 'missing'",
+            "UPDATE images SET status='missing', reason=NULL, detail=NULL, updated=?"
+            " WHERE root=? AND relpath=? AND status != 'missing'",
             ((now, _enc(root), _enc(rel)) for rel in relpaths),
         )
         return cur.rowcount
@@ -342,7 +351,7 @@ class Store:
                 " VALUES (?,?,?,?,?,?,?,?)",
                 (weights_hash, input_size, source, detail, json.dumps(arch, sort_keys=True), dim, path, time.time()),
             )
-            return int(cur.lastrowid)
+            return _inserted_id(cur)
 
     def set_current_model(self, model_id: int) -> None:
         with self.transaction():
@@ -426,7 +435,9 @@ class Store:
     def count_embeddings(self, model_id: int) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM embeddings WHERE model_id = ?", (model_id,)).fetchone()[0])
 
-    def vectors(self, model_id: int, image_ids: Sequence[int] | None = None, ok_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def vectors(
+        self, model_id: int, image_ids: Sequence[int] | None = None, ok_only: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(image ids, N×d float32 matrix) of the images embedded by this model, ordered by image id;
         only `ok` images unless ok_only=False; restricted to `image_ids` when given."""
         model = self.model(model_id)
@@ -450,7 +461,7 @@ class Store:
                 "INSERT INTO runs (trigger, started, status, config, method, pool, model_id) VALUES (?,?,?,?,?,?,?)",
                 (trigger, time.time(), "running", config_json, method, pool or None, model_id),
             )
-            return int(cur.lastrowid)
+            return _inserted_id(cur)
 
     def finish_run(self, run_id: int, *, n_candidates: int, n_selected: int, stop_reason: str, output_dir: str,
                    stats: dict[str, Any], decisions: Iterable[tuple[int, bool, int | None, float | None]],
@@ -570,7 +581,7 @@ class Store:
             "images": self.counts_by_status(),
             "corrupt_by_reason": self.corrupt_by_reason(),
             "embedded": self.count_embeddings(model.id) if model else 0,
-            "reembedding": None if model is None else dict(zip(("done", "total"), self.coverage(model.id))),
+            "reembedding": None if model is None else dict(zip(("done", "total"), self.coverage(model.id), strict=True)),
             "sampling_model_id": (self.sampling_model() or model).id if model else None,
             "datapools": self.pools(),
             "last_run": next(({k: r[k] for k in ("id", "trigger", "status", "started", "finished", "n_candidates",
