@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from poolwatch import __version__
 from poolwatch.pipeline.config import Config, load_config
@@ -22,6 +23,9 @@ from poolwatch.pipeline.store import Store
 
 from . import runtime
 from .lock import ShareLock, running_daemon
+
+if TYPE_CHECKING:
+    from poolwatch.pipeline.ingest import BatchResult, PassSummary
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +129,7 @@ def cmd_ingest(config: Config, args: argparse.Namespace) -> int:
     return EXIT_FAILED if summary.outages and summary.discovered == 0 else EXIT_OK
 
 
-def ingest_once(config: Config):  # -> PassSummary
+def ingest_once(config: Config) -> PassSummary:
     """One ingest pass with a progress bar on a terminal; outages are logged."""
     from tqdm import tqdm
 
@@ -144,7 +148,7 @@ def ingest_once(config: Config):  # -> PassSummary
             bar.reset(total=n)
             log.info("%d files to process", n)
 
-        def on_batch(result) -> None:  # noqa: ANN001
+        def on_batch(result: BatchResult) -> None:
             bar.update(result.files)
             bar.set_postfix(efficiency=f"{result.compute_efficiency:.2f}")
 
@@ -246,7 +250,7 @@ def sanity_check(config: Config) -> int:
 
     @check("input_dir")
     def _inputs() -> str:
-        from poolwatch.pipeline.ingest import discover
+        from poolwatch.pipeline.discover import discover
 
         counts = []
         for root in config.input_paths:
@@ -257,7 +261,7 @@ def sanity_check(config: Config) -> int:
     for name, fn in checks:
         try:
             print(f"ok      {name}: {fn()}")
-        except Exception as exc:  # noqa: BLE001 - every failure is reported, none stops the others
+        except Exception as exc:  # every failure is reported, none stops the others
             failed += 1
             print(f"FAILED  {name}: {type(exc).__name__}: {exc}")
     print("sanity check " + ("passed" if not failed else f"failed ({failed} of {len(checks)})"))
@@ -269,7 +273,7 @@ def cmd_sample(config: Config, args: argparse.Namespace) -> int:
 
     validate_sampling(config)
     model_id = preselected = None
-    extra: dict = {}
+    extra: dict[str, Any] = {}
     if config.embeddings:
         if config.enable_training:
             raise UsageError("enable_training: cannot train when embeddings= is given (there are no images)")
@@ -376,7 +380,7 @@ def cmd_datapool(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def train_and_switch(config: Config) -> dict:
+def train_and_switch(config: Config) -> dict[str, Any]:
     """Train on the store's `ok` images, make the result the current model, return a summary."""
     import shutil
 

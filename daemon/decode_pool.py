@@ -37,9 +37,9 @@ class DecodePool(Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         if cancel_futures:
-            self._pool.stop()  # workers are stopped; queued and running tasks are cancelled
+            self._pool.stop()  # type: ignore[no-untyped-call]  # pebble has no annotations; stops workers, cancels tasks
         else:
-            self._pool.close()  # no new tasks; the queued ones finish
+            self._pool.close()  # type: ignore[no-untyped-call]  # no new tasks; the queued ones finish
         if wait:
             self._pool.join()
 

@@ -76,7 +76,7 @@ class IngestQueue:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self._cond.wait(remaining):
                     break
-            batch = []
+            batch: list[Item] = []
             for lane in (self._items, self._background):
                 while lane and len(batch) < max_items:
                     batch.append(lane.popitem(last=False)[1])

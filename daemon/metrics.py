@@ -22,8 +22,10 @@ log = logging.getLogger(__name__)
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
-        self.discovered = Counter("poolwatch_images_discovered_total", "Image files handed to ingest (events and scans)", registry=r)
-        self.ingested = Counter("poolwatch_images_ingested_total", "Images checked and recorded, by verdict", ["status"], registry=r)
+        self.discovered = Counter("poolwatch_images_discovered_total",
+                                  "Image files handed to ingest (events and scans)", registry=r)
+        self.ingested = Counter("poolwatch_images_ingested_total",
+                                "Images checked and recorded, by verdict", ["status"], registry=r)
         self.corrupt = Counter("poolwatch_images_corrupt_total", "Corrupt images, by reason", ["reason"], registry=r)
         self.duplicate = Counter("poolwatch_images_duplicate_total", "Exact duplicates found", registry=r)
         self.missing = Counter("poolwatch_images_missing_total", "Images whose file disappeared", registry=r)
@@ -47,12 +49,16 @@ class Metrics:
         self.model_dim = Gauge("poolwatch_model_embedding_dimension", "Embedding size of the current model", registry=r)
         self.reembedding = Gauge("poolwatch_reembedding_progress_ratio",
                                  "Share of ok images with a vector of the current model (1 = sampling uses it)", registry=r)
-        self.reloads = Counter("poolwatch_config_reloads_total", "Configuration reloads (SIGHUP), by outcome", ["outcome"], registry=r)
+        self.reloads = Counter("poolwatch_config_reloads_total",
+                               "Configuration reloads (SIGHUP), by outcome", ["outcome"], registry=r)
         self.overflows = Counter("poolwatch_watcher_overflows_total",
                                  "inotify queue overflows (lost events, each followed by a reconcile scan)", registry=r)
-        self.outages = Counter("poolwatch_watcher_outages_total", "Input directories that went missing/unreadable", ["root"], registry=r)
-        self.outage_active = Gauge("poolwatch_watcher_outage", "1 while an input directory is missing/unreadable", ["root"], registry=r)
-        self.component_restarts = Counter("poolwatch_component_restarts_total", "Components restarted after a crash", ["component"], registry=r)
+        self.outages = Counter("poolwatch_watcher_outages_total",
+                               "Input directories that went missing/unreadable", ["root"], registry=r)
+        self.outage_active = Gauge("poolwatch_watcher_outage",
+                                   "1 while an input directory is missing/unreadable", ["root"], registry=r)
+        self.component_restarts = Counter("poolwatch_component_restarts_total",
+                                          "Components restarted after a crash", ["component"], registry=r)
         self.report_failures = Counter("poolwatch_report_failures_total", "Report generations that failed", registry=r)
         self.build = Info("poolwatch_build", "poolwatch build information", registry=r)
         self.build.info({"version": __version__})
@@ -78,7 +84,7 @@ class Metrics:
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: object) -> None:  # the stdlib names it `format`
         log.debug("http: " + format, *args)
 
 

@@ -33,7 +33,7 @@ class Reconciler(ThreadComponent):
     name = "reconciler"
 
     def __init__(self, settings: Callable[[], Config], queue: IngestQueue, model_id: Callable[[], int],
-                 metrics: Metrics, on_root_back: Callable[[str], None] = lambda root: None) -> None:
+                 metrics: Metrics, on_root_back: Callable[[str], object] = lambda root: None) -> None:
         super().__init__()
         self.settings, self.queue, self.model_id, self.metrics = settings, queue, model_id, metrics
         self.on_root_back = on_root_back

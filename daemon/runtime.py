@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from poolwatch.pipeline.config import Config
 from poolwatch.pipeline.decode import DecodeSettings, warm_up
 from poolwatch.pipeline.store import Store
 
 from .decode_pool import DecodePool
+
+if TYPE_CHECKING:
+    from poolwatch.pipeline.embed import Embedder  # torch: imported only where a model is loaded
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +81,8 @@ def release_free_memory() -> None:
     """Hand freed heap pages back to the OS (glibc's malloc_trim). A long-lived process whose threads
     each allocate large short-lived buffers (a sampling run's matrices, a report's plots) otherwise keeps
     them in per-thread arenas, and its RSS only ever grows. A no-op where there is no glibc."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def configure_torch_threads() -> None:
@@ -102,7 +105,8 @@ def log_ineffective_lightly_keys(config: Config) -> None:
 
     defaults = lightly_cli_defaults()
     for dotted in NO_EFFECT:
-        ours, theirs = config.lightly, defaults
+        ours: Any = config.lightly
+        theirs: Any = defaults
         for part in dotted.split("."):
             ours, theirs = ours.get(part), theirs.get(part)
         if ours != theirs:
@@ -129,7 +133,7 @@ def trained_model_path(config: Config) -> Path | None:
     return Path(current.path)
 
 
-def load_embedder(config: Config, trained: Path | None = None):  # -> Embedder (torch imported lazily)
+def load_embedder(config: Config, trained: Path | None = None) -> Embedder:
     """The configured model, loaded and ready, with its fallbacks logged loudly.
 
     Random-init weights are seeded by `model.init_seed`, never by the sampling `seed`: null means the

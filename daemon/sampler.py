@@ -75,6 +75,7 @@ class Sampler(ThreadComponent):
                     if self.stopping.is_set():
                         return
                     trigger, self._pending = self._pending, None
+                    assert trigger is not None
                     self.running = True
                 try:
                     self._run_once(store, trigger)

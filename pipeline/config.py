@@ -14,6 +14,7 @@ import copy
 import importlib.util
 import json
 import re
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -314,6 +315,8 @@ def lightly_cli_defaults() -> dict[str, Any]:
     # i/o keys are poolwatch's own top-level keys; hydra's block configures hydra itself.
     for key in ("input_dir", "output_dir", "embeddings", "checkpoint", "label_dir", "label_names_file", "hydra"):
         data.pop(key, None)
+    if not isinstance(data, dict):
+        raise ConfigError(f"lightly: {str(path)!r} is not a mapping; reinstall lightly")
     return data
 
 
@@ -366,7 +369,7 @@ def _validate_lightly_values(lightly: dict[str, Any]) -> None:
     name = lightly["model"]["name"]
     if name not in LIGHTLY_MODELS:
         raise ConfigError(f"lightly.model.name: invalid value {name!r}; allowed: {', '.join(LIGHTLY_MODELS)}")
-    checks = {
+    checks: dict[str, Callable[[Any], bool]] = {
         "model.num_ftrs": lambda v: v > 0,
         "model.width": lambda v: v > 0,
         "collate.input_size": lambda v: v >= 16,
@@ -466,7 +469,7 @@ def load_config(overrides: list[str] | None = None, config_file: str | Path | No
     except yaml.YAMLError as exc:
         raise ConfigError(f"--config: not valid YAML ({str(exc).splitlines()[0]})") from None
     assert isinstance(merged, dict)
-    return validate(merged)
+    return validate({str(k): v for k, v in merged.items()})
 
 
 def validate(data: dict[str, Any]) -> Config:

@@ -102,7 +102,8 @@ def build_module(spec: ModelSpec) -> nn.Module:
         nn.Conv2d(last_channels, spec.num_ftrs, 1),
         nn.AdaptiveAvgPool2d(1),
     )
-    return _SimCLR(features, num_ftrs=spec.num_ftrs, out_dim=spec.out_dim)
+    module: nn.Module = _SimCLR(features, num_ftrs=spec.num_ftrs, out_dim=spec.out_dim)
+    return module
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -125,7 +126,7 @@ def _torch_load(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelError(f"checkpoint: file {str(path)!r} does not exist") from None
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint we load"
+    except Exception as exc:  # any unpickling failure means "not a checkpoint we load"
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         useful = [line for line in lines if not line.startswith(_TORCH_LOAD_BOILERPLATE)]
         first = (useful or lines or [type(exc).__name__])[0]
@@ -181,7 +182,7 @@ def _finish(module: nn.Module, spec: ModelSpec, source: str, detail: str, path: 
 
 
 def _download(url: str, dest: Path, timeout: float) -> None:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - lightly's fixed https URL
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # lightly's fixed https URL
         data = response.read()
     expected = re.search(r"-([a-f0-9]{8,})\.", Path(url).name)
     if expected and not hashlib.sha256(data).hexdigest().startswith(expected.group(1)):
@@ -210,7 +211,7 @@ def load_model(spec: ModelSpec, *, models_dir: Path, checkpoint: Path | None = N
 
     try:
         module = build_module(spec)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ModelError(f"lightly.model: cannot build {spec.slug}: {exc}") from None
     notes: list[str] = []
     if checkpoint is not None:
@@ -234,7 +235,7 @@ def load_model(spec: ModelSpec, *, models_dir: Path, checkpoint: Path | None = N
                 return _finish(module, spec, "pretrained", url, candidate, notes)
         try:
             _download(url, local, timeout)
-        except Exception as exc:  # noqa: BLE001 - offline, proxy, DNS, hash: all mean "no pretrained weights"
+        except Exception as exc:  # offline, proxy, DNS, hash: all mean "no pretrained weights"
             notes.append(f"could not download lightly's pretrained weights for {spec.zoo_key} from {url}: {exc}")
         else:
             load_state(module, _torch_load(local), spec, str(local))
@@ -311,7 +312,7 @@ def _cpu_backbone(backbone: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mod
     else:
         try:
             module = fuse(backbone)  # a traced copy; the original (and its training) is untouched
-        except Exception:  # noqa: BLE001 - a backbone fx cannot trace still gets the layout and dtype
+        except Exception:  # a backbone fx cannot trace still gets the layout and dtype
             module = copy.deepcopy(backbone)
     return module.to(dtype).to(memory_format=torch.channels_last).eval()
 
@@ -333,7 +334,9 @@ class Embedder:
         if precision == "fp16" and self.device.type != "cuda":
             raise ModelError("embedding_precision: invalid value 'fp16'; fp16 needs a CUDA device (use bf16 or fp32)")
         self.precision = precision
-        self.backbone = model.module.backbone.to(self.device).eval()
+        backbone = model.module.backbone
+        assert isinstance(backbone, nn.Module)
+        self.backbone: nn.Module = backbone.to(self.device).eval()
         self._cpu: torch.nn.Module | None = None
         self._cpu_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         if self.device.type == "cpu":
@@ -375,4 +378,4 @@ class Embedder:
             out = out.flatten(start_dim=1)
             self.forward_passes += 1
             self.images_embedded += len(pixels)
-            return out.float().cpu().numpy()
+            return np.asarray(out.float().cpu().numpy(), dtype=np.float32)

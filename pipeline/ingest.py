@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,16 +54,19 @@ class InFlight:
     """One batch being decoded (futures of the decode pool, or already decoded without one)."""
 
     refs: list[FileRef]
-    decoding: list[Future[Decoded]] | list[Decoded]
+    decoding: list[Future[Decoded] | Decoded]
 
     def collect(self) -> list[Decoded]:
-        return [collect(d, r) if isinstance(d, Future) else d for d, r in zip(self.decoding, self.refs)]
+        return [collect(d, r) if isinstance(d, Future) else d for d, r in zip(self.decoding, self.refs, strict=True)]
 
 
 def start_decoding(refs: Sequence[FileRef], settings: DecodeSettings, executor: Executor | None) -> InFlight:
+    decoding: list[Future[Decoded] | Decoded]
     if executor is None:
-        return InFlight(list(refs), [read_and_decode(r, settings) for r in refs])
-    return InFlight(list(refs), [executor.submit(read_and_decode, r, settings) for r in refs])
+        decoding = [read_and_decode(r, settings) for r in refs]
+    else:
+        decoding = [executor.submit(read_and_decode, r, settings) for r in refs]
+    return InFlight(list(refs), decoding)
 
 
 def decode_batches(refs: Sequence[FileRef], settings: DecodeSettings, batch_size: int,
@@ -101,7 +104,7 @@ def commit_batch(store: Store, embedder: Embedder, model_id: int, decoded: Seque
         to_embed.append(pos)
 
     t0 = clock()
-    vector_of, failed = embed_resilient(embedder, {p: decoded[p].pixels for p in to_embed})
+    vector_of, failed = embed_resilient(embedder, {p: px for p in to_embed if (px := decoded[p].pixels) is not None})
     result.compute_seconds = clock() - t0
     result.embed_failures = failed
 
@@ -114,19 +117,19 @@ def commit_batch(store: Store, embedder: Embedder, model_id: int, decoded: Seque
             if v is None:
                 result.vanished += store.mark_missing(d.ref.root, [d.ref.relpath])
                 continue
-            base = dict(root=d.ref.root, relpath=d.ref.relpath, size=d.ref.size, mtime_ns=d.ref.mtime_ns,
-                        hash=d.hash, width=v.width, height=v.height, format=v.format)
+            base = ImageRecord(root=d.ref.root, relpath=d.ref.relpath, size=d.ref.size, mtime_ns=d.ref.mtime_ns,
+                               hash=d.hash, status="ok", width=v.width, height=v.height, format=v.format)
             if not v.ok:
-                ids[pos] = store.upsert_image(ImageRecord(status="corrupt", reason=v.reason, detail=v.detail, **base))
+                ids[pos] = store.upsert_image(replace(base, status="corrupt", reason=v.reason, detail=v.detail))
                 result.corrupt += 1
                 result.corrupt_reasons[v.reason or "unknown"] = result.corrupt_reasons.get(v.reason or "unknown", 0) + 1
                 continue
             if pos in dup_of_pos:
                 target = dup_of_pos[pos]
                 original = ids[int(target[4:])] if isinstance(target, str) else target
-                ids[pos] = store.upsert_image(ImageRecord(status="duplicate", reason="same_content",
+                ids[pos] = store.upsert_image(replace(base, status="duplicate", reason="same_content",
                                                           detail=f"identical bytes to image {original}",
-                                                          duplicate_of=original, **base))
+                                                          duplicate_of=original))
                 result.duplicate += 1
                 continue
             if pos not in vector_of:
@@ -134,8 +137,8 @@ def commit_batch(store: Store, embedder: Embedder, model_id: int, decoded: Seque
                 # until MAX_EMBED_ATTEMPTS, then it is corrupt, so nothing is retried for ever.
                 attempts = _failed_attempts(store, d.ref) + 1
                 status = "pending" if attempts < MAX_EMBED_ATTEMPTS else "corrupt"
-                ids[pos] = store.upsert_image(ImageRecord(status=status, reason="embed_error", attempts=attempts,
-                                                          detail=f"attempt {attempts}: {failed[pos]}"[:500], **base))
+                ids[pos] = store.upsert_image(replace(base, status=status, reason="embed_error", attempts=attempts,
+                                                      detail=f"attempt {attempts}: {failed[pos]}"[:500]))
                 if status == "corrupt":
                     result.corrupt += 1
                     result.corrupt_reasons["embed_error"] = result.corrupt_reasons.get("embed_error", 0) + 1
@@ -147,12 +150,12 @@ def commit_batch(store: Store, embedder: Embedder, model_id: int, decoded: Seque
                 if original_v is None:
                     original_v = store.first_ok_with_vector(model_id, vh, exclude_id=_existing_id(store, d.ref))
                 if original_v is not None:
-                    ids[pos] = store.upsert_image(ImageRecord(status="duplicate", reason="same_embedding",
+                    ids[pos] = store.upsert_image(replace(base, status="duplicate", reason="same_embedding",
                                                               detail=f"identical embedding to image {original_v}",
-                                                              duplicate_of=original_v, **base))
+                                                              duplicate_of=original_v))
                     result.duplicate += 1
                     continue
-            image_id = store.upsert_image(ImageRecord(status="ok", **base))
+            image_id = store.upsert_image(base)
             ids[pos] = image_id
             store.put_embedding(image_id, model_id, vec)
             if remove_duplicates:
@@ -174,14 +177,14 @@ def embed_resilient(embedder: Embedder, pixels: dict[int, np.ndarray]) -> tuple[
             continue
         try:
             out = embedder.embed(np.stack([pixels[k] for k in keys]))
-        except Exception as exc:  # noqa: BLE001 - any model failure: narrow it down
+        except Exception as exc:  # any model failure: narrow it down
             if len(keys) == 1:
                 failed[keys[0]] = f"{type(exc).__name__}: {exc}"
             else:
                 half = len(keys) // 2
                 pending += [keys[half:], keys[:half]]
             continue
-        vectors.update(zip(keys, out))
+        vectors.update(zip(keys, out, strict=True))
     return vectors, failed
 
 

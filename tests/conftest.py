@@ -7,7 +7,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -44,6 +46,15 @@ def no_daemon_survives():
     for d in started():
         if id(d) not in before and d.proc is not None and d.proc.poll() is None:
             d.kill()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Any]]:
+    """Daemons (tests/test_daemon.py's `Daemon`) a test starts register here; all are killed at teardown."""
+    started: list[Any] = []
+    yield started
+    for d in started:
+        d.kill()
 
 
 def photo(seed: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
@@ -87,7 +98,8 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
     return inp, shared
 
 
-FAST = ["lightly.pre_trained=false", "lightly.loader.batch_size=32", "lightly.loader.num_workers=2", "lightly.collate.input_size=32"]
+FAST = ["lightly.pre_trained=false", "lightly.loader.batch_size=32", "lightly.loader.num_workers=2",
+        "lightly.collate.input_size=32"]
 
 
 def make_dataset(root: Path, n_ok: int = 180, seed: int = 0) -> dict:

@@ -10,8 +10,10 @@ import pytest
 
 from .conftest import ROOT
 
+SCRIPTS = ["ingest.py", "latency.py", "store.py", "coreset.py", "soak.py", "load.py", "profile_embed.py"]
 
-@pytest.mark.parametrize("script", ["ingest.py", "latency.py", "store.py", "coreset.py", "soak.py", "load.py", "profile_embed.py"])
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_bench_smoke(script: str, tmp_path: Path) -> None:
     args = [sys.executable, str(ROOT / "bench" / script), "--smoke"]
     if script == "ingest.py":

@@ -170,7 +170,7 @@ def test_mpo_is_a_jpeg() -> None:
     assert same_pixels(image, decode_plain(data))
 
 
-PNG_16 = Image.fromarray((np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 21))
+PNG_16 = Image.fromarray(np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 21)
 PALETTE = PHOTO.convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
 
 VALID_FILES = [
@@ -394,7 +394,7 @@ def test_pillow_globals_are_left_alone() -> None:
     inspect_image(cut(jpeg, 0.5, append=EOI), "a.jpg")
     inspect_image(cut(jpeg, 0.5), "a.jpg", check_corruptness=False)
     inspect_image(png_header_only(100_000, 100_000), "a.png")
-    assert (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES) == before
+    assert before == (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from poolwatch.pipeline.config import ConfigError, load_config, lightly_cli_defaults
+from poolwatch.pipeline.config import ConfigError, lightly_cli_defaults, load_config
 
 from .conftest import ROOT, run_cli
 
@@ -126,12 +126,13 @@ def test_token_is_masked() -> None:
 
 @pytest.mark.parametrize(
     "override, key",
-    [("stopping_condition.n_sampels=3", "stopping_condition.n_sampels"), ("lightly.loader.batch_size=abc", "lightly.loader.batch_size")],
+    [("stopping_condition.n_sampels=3", "stopping_condition.n_sampels"),
+     ("lightly.loader.batch_size=abc", "lightly.loader.batch_size")],
 )
 def test_cli_exit_2_one_line(override: str, key: str, tmp_path: Path) -> None:
     proc = run_cli("ingest", f"shared_dir={tmp_path}", override, "token=hidden-token-123", timeout=60)
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert key in lines[0]
     assert "hidden-token-123" not in proc.stderr + proc.stdout
@@ -153,7 +154,8 @@ def test_store_path_stays_inside_shared_dir(path: str, tmp_path: Path) -> None:
     assert load_config([f"shared_dir={tmp_path}", "store.path=db/pw.db"]).store_path == tmp_path / "db" / "pw.db"
 
 
-@pytest.mark.parametrize("value, ok", [("32", True), ("16", True), ("bf16", True), ("16-mixed", True), ("8", False), ("fp8", False)])
+@pytest.mark.parametrize("value, ok", [("32", True), ("16", True), ("bf16", True), ("16-mixed", True), ("8", False),
+                                       ("fp8", False)])
 def test_trainer_precision_choices(value: str, ok: bool) -> None:
     if ok:
         assert load_config([f"lightly.trainer.precision={value}"]).lightly["trainer"]["precision"] in (32, 16, value)

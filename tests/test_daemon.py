@@ -10,6 +10,8 @@ Run with `-s` to see the trickle latency figures.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import re
@@ -212,14 +214,10 @@ class Daemon:
             return
         if self.proc.poll() is None:
             print(f"\n{self.name} still running at teardown; killing it\n{self.tail(15)}")
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # the daemon's own group: it, its forkserver and pool
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            pass
         if self.proc.returncode not in (0, -signal.SIGKILL, None):
             print(f"\n{self.name} exited with {self.proc.returncode}\n{self.tail(15)}")
 
@@ -233,15 +231,6 @@ def _daemon_logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
         for d in Daemon.registry:
             if d.started_at >= started or (d.proc is not None and d.proc.poll() is None):
                 print(f"\n{d.tail()}")
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    """Daemons a test starts register here; all are killed at teardown, whatever happened."""
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.kill()
 
 
 # ---- one daemon shared by the ingest-side tests (each test works in its own sub-folder) ------------
@@ -280,8 +269,7 @@ def test_partial_writes_temp_renames_and_deletions(ingest_env: IngestEnv) -> Non
         return rows_under(env.shared, env.a, "w_")
 
     # A file written slowly through one open handle: flushed chunks, pauses, then closed.
-    fh = open(root / "w_slow.jpg", "wb")
-    try:
+    with open(root / "w_slow.jpg", "wb") as fh:
         for i, chunk in enumerate((data[: len(data) // 3], data[len(data) // 3: 2 * len(data) // 3])):
             fh.write(chunk)
             fh.flush()
@@ -292,8 +280,6 @@ def test_partial_writes_temp_renames_and_deletions(ingest_env: IngestEnv) -> Non
             wait_for(lambda i=i: f"w_marker_{i}.jpg" in rows(), 30, f"w_marker_{i}.jpg", d)
             assert "w_slow.jpg" not in rows(), f"a half-written file was ingested after chunk {i}\n{d.tail()}"
         fh.write(data[2 * len(data) // 3:])
-    finally:
-        fh.close()
     slow = wait_for(lambda: rows().get("w_slow.jpg"), 30, "w_slow.jpg after its close", d)
     assert slow[0] == "ok"
     assert query(env.shared, "SELECT size FROM images WHERE id = ?", (slow[2],))[0][0] == len(data)
@@ -365,7 +351,7 @@ def test_prometheus_scrapes_the_daemon(ingest_env: IngestEnv, tmp_path: Path) ->
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         f"scrape_configs:\n  - job_name: poolwatch\n    static_configs:\n      - targets: ['127.0.0.1:{d.port}']\n"
     )
-    log = open(tmp_path / "prometheus.log", "wb")
+    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - the server's log, closed in the finally below
     prom = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
                              f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
                             cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
@@ -608,7 +594,7 @@ class NotifySocket:
         while not self._stop.is_set():
             try:
                 data = self.sock.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -660,7 +646,7 @@ def test_schedule_sd_notify_and_lock(tmp_path: Path, daemons: list[Daemon]) -> N
         # The watchdog: WATCHDOG=1 every WATCHDOG_USEC/2 while the loop is alive.
         wait_for(lambda: len(notify.with_line("WATCHDOG=1")) >= 4, 10, "WATCHDOG=1 pings", d)
         stamps = [t for t, m in list(notify.messages) if "WATCHDOG=1" in m.split("\n")]
-        assert max(b - a for a, b in zip(stamps, stamps[1:])) < 1.0, "pings must come more often than WATCHDOG_USEC"
+        assert max(b - a for a, b in itertools.pairwise(stamps)) < 1.0, "pings must come more often than WATCHDOG_USEC"
 
         # A second daemon on the same shared_dir refuses, naming the first; the first is undisturbed.
         second = subprocess.run(Daemon(tmp_path, [inp], shared, name="second").args(free_port()), cwd=tmp_path,

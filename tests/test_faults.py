@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import FAST, encode, photo, run_cli
-from .test_daemon import Daemon, daemons, query, wait_for  # noqa: F401
+from .test_daemon import Daemon, query, wait_for
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 
@@ -140,7 +140,7 @@ def test_second_sigterm_exits_at_once(tmp_path: Path, daemons: list[Daemon]) -> 
 
 def caught_signals(pid: int) -> int:
     with open(f"/proc/{pid}/status") as fh:
-        return int(next(l for l in fh if l.startswith("SigCgt:")).split()[1], 16)
+        return int(next(line for line in fh if line.startswith("SigCgt:")).split()[1], 16)
 
 
 def test_signals_during_start_up_are_kept_not_fatal(tmp_path: Path, daemons: list[Daemon]) -> None:

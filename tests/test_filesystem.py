@@ -11,8 +11,8 @@ from lightly.utils.io import load_embeddings
 
 from poolwatch.pipeline.config import load_config
 from poolwatch.pipeline.decode import DecodeSettings
-from poolwatch.pipeline.embed import Embedder, ModelSpec, load_model
 from poolwatch.pipeline.discover import discover
+from poolwatch.pipeline.embed import Embedder, ModelSpec, load_model
 from poolwatch.pipeline.ingest import activate_model, ingest_pass
 from poolwatch.pipeline.sampling import sample_run
 from poolwatch.pipeline.store import Store

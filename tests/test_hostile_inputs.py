@@ -60,7 +60,7 @@ def corpus() -> dict[str, bytes]:
     items["bomb.png"] = encode(bomb, "PNG", optimize=True)
     items["tall.png"] = encode(Image.new("L", (1, 65_535), 128), "PNG")
     items["cmyk.jpg"] = encode(rgb.convert("CMYK"), "JPEG")
-    items["sixteen.png"] = encode(Image.fromarray((np.arange(90 * 120, dtype=np.uint16).reshape(90, 120) * 7)), "PNG")
+    items["sixteen.png"] = encode(Image.fromarray(np.arange(90 * 120, dtype=np.uint16).reshape(90, 120) * 7), "PNG")
     items["palette_alpha.png"] = encode(rgb.convert("P"), "PNG", transparency=3)
     items["animated.webp"] = encode_frames([photo(40, 30, seed=s) for s in range(3)], "WEBP")
     items["multipage.tif"] = encode_frames([photo(40, 30, seed=s) for s in range(3)], "TIFF")

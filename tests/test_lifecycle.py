@@ -13,7 +13,7 @@ from pathlib import Path
 from poolwatch.daemon.lock import ShareLock
 
 from .conftest import encode, photo, run_cli
-from .test_daemon import Daemon, daemons, query, wait_for  # noqa: F401 - daemons is a fixture
+from .test_daemon import Daemon, query, wait_for
 
 
 def images(folder: Path, n: int) -> None:

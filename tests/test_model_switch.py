@@ -9,7 +9,7 @@ from pathlib import Path
 
 from poolwatch.pipeline.embed import ModelSpec, load_model
 
-from .test_daemon import DAEMON_FAST, Daemon, daemons, query, wait_for, write_images  # noqa: F401
+from .test_daemon import Daemon, query, wait_for, write_images
 
 
 def test_sighup_with_a_new_checkpoint_reembeds_in_the_background(tmp_path: Path, daemons: list[Daemon]) -> None:

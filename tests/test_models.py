@@ -70,7 +70,7 @@ def lightly_embed(images: Path, checkpoint: Path, cwd: Path) -> dict[str, np.nda
     found = sorted(cwd.rglob("embeddings.csv"))
     assert len(found) == 1, f"lightly-embed wrote {found}"
     vectors, _labels, filenames = load_embeddings(str(found[0]))
-    return dict(zip(filenames, np.asarray(vectors, dtype=np.float64)))
+    return dict(zip(filenames, np.asarray(vectors, dtype=np.float64), strict=True))
 
 
 def store_vectors(shared: Path) -> tuple[dict[str, np.ndarray], dict]:
@@ -205,7 +205,7 @@ def test_train_simclr_round_trip(images: Path, tmp_path: Path) -> None:
 
     pixels = np.stack([preprocess(Image.open(p), SIZE) for p in paths])
     vectors = Embedder(loaded, "cpu").embed(pixels)
-    assert_same_vectors({p.name: v.astype(np.float64) for p, v in zip(paths, vectors)}, theirs)
+    assert_same_vectors({p.name: v.astype(np.float64) for p, v in zip(paths, vectors, strict=True)}, theirs)
 
     # same seed, same data: same weights; another seed: other weights
     again = train_simclr(paths, cfg, out_dir=tmp_path / "b", seed=3)

@@ -32,7 +32,7 @@ def add_images(folder: Path, start: int, n: int) -> None:
 
 
 def lines(path: Path) -> list[str]:
-    return [l for l in path.read_text(encoding="utf-8").splitlines() if l]
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def test_growing_folder_pool_history_and_restore(dirs: tuple[Path, Path], tmp_path: Path) -> None:
@@ -92,7 +92,7 @@ def test_outputs_are_lightly_compatible_with_awkward_names(dirs: tuple[Path, Pat
     assert sorted(selected) == sorted(names)
     assert lines(run / "filenames" / "removed_filenames.txt") == []
     # labels: index of the top-level sub-folder (mixed=0, sub=1), 0 at the top
-    label_of = dict(zip(names, labels))
+    label_of = dict(zip(names, labels, strict=True))
     assert label_of[awkward] == 0 and label_of["sub/img_0000.jpg"] == 1
     # normalised vectors (normalize_embeddings=true)
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
@@ -118,7 +118,7 @@ def test_min_distance_invariants_on_a_real_run(dirs: tuple[Path, Path]) -> None:
     assert pair[np.triu_indices(len(kept), 1)].min() >= min_distance - 1e-6
     removed = set(lines(run / "filenames" / "removed_filenames.txt"))
     assert removed, "expected some near images to be removed"
-    for vec, name in zip(cands, cand_names):
+    for vec, name in zip(cands, cand_names, strict=True):
         if name in removed:
             assert np.linalg.norm(kept - vec, axis=1).min() < min_distance + 1e-6
     with sqlite3.connect(shared / "poolwatch.db") as conn:

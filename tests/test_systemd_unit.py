@@ -36,7 +36,7 @@ def test_unit_declares_the_protocol() -> None:
 @needs_systemd_analyze
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
     proc = subprocess.run(["systemd-analyze", "verify", str(local_unit(tmp_path))], capture_output=True, text=True, timeout=60)
-    problems = [l for l in (proc.stdout + proc.stderr).splitlines() if "poolwatch.service" in l]
+    problems = [line for line in (proc.stdout + proc.stderr).splitlines() if "poolwatch.service" in line]
     assert proc.returncode == 0 and not problems, proc.stdout + proc.stderr
 
 

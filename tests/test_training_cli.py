@@ -54,7 +54,7 @@ def test_train_switches_the_model_and_sampling_follows(dirs: tuple[Path, Path], 
     emb, _, names = load_embeddings(str(next(work.rglob("embeddings.csv"))))
     ours = {r[0]: np.frombuffer(r[1], np.float32) for r in
             q(db, "SELECT i.relpath, e.vector FROM embeddings e JOIN images i ON i.id = e.image_id")}
-    for name, vec in zip(names, emb):
+    for name, vec in zip(names, emb, strict=True):
         assert np.allclose(ours[name], vec, atol=1e-4, rtol=1e-5), name
 
     # a restart keeps the trained model (no checkpoint= given), and sampling uses its vectors only
