@@ -68,7 +68,7 @@ def machine() -> str:
 
         if torch.cuda.is_available():
             gpu = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - a broken torch or driver only means the line says "no GPU"
         pass
     return (f"{dt.date.today().isoformat()} · {platform.node()} · {model} · {os.cpu_count()} cores · {gpu} · "
             f"Python {platform.python_version()}")
@@ -125,8 +125,11 @@ def start_daemon(inp: Path, shared: Path, port: int, extra: list[str], log: Path
     cmd = [str(Path(sys.executable).parent / "poolwatch"), "run", f"input_dir={inp}", f"shared_dir={shared}",
            f"metrics.port={port}", "lightly.pre_trained=false", *extra,
            "--log-level", "WARNING" if log is None else "INFO"]
-    out = subprocess.DEVNULL if log is None else open(log, "ab")  # noqa: SIM115 - the child owns it
-    daemon = subprocess.Popen(cmd, stdout=out, stderr=out)
+    if log is None:
+        daemon = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    else:
+        with open(log, "ab") as out:  # the child has its own copy of the descriptor
+            daemon = subprocess.Popen(cmd, stdout=out, stderr=out)
 
     def healthy() -> bool:
         if daemon.poll() is not None:

@@ -225,14 +225,12 @@ def main() -> None:
                 assert same, f"picks differ (first at {first_diff})"
                 assert rel.max() <= 1e-6, f"distances differ by up to {rel.max():.2e} relative"
 
-            def med(role: str, key: str) -> float:
-                return statistics.median(x[key] for x in runs[role])
-
             row = {"data": kind, "n": args.n, "d": args.d, "k": args.k, "clusters": args.clusters,
                    "seed": args.seed, "repeat": args.repeat, "algorithm": runs["poolwatch"][0]["algorithm"],
                    "reference_dtype": args.reference_dtype}
             for role in runs:
-                row[role] = {"wall_s": med(role, "wall"), "cpu_s": med(role, "cpu"),
+                row[role] = {"wall_s": statistics.median(x["wall"] for x in runs[role]),
+                             "cpu_s": statistics.median(x["cpu"] for x in runs[role]),
                              "extra_peak_mb": statistics.median(x["peak_rss_mb"] - x["base_rss_mb"] for x in runs[role]),
                              "walls": [x["wall"] for x in runs[role]]}
             row["speedup_wall"] = row["reference"]["wall_s"] / row["poolwatch"]["wall_s"]

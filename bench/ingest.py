@@ -28,8 +28,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, make_jpegs  # noqa: E402
+from _common import machine, make_jpegs
 
 BIN = Path(sys.executable).parent
 
@@ -109,7 +108,7 @@ def bench_set(label: str, folder: Path, paths: list[Path], work: Path, args: arg
     pw_eff: dict[str, list[float]] = {v: [] for v in variants}
     pw_rate: dict[str, list[float]] = {v: [] for v in variants}
     rss = {"lightly": 0.0, "fastdup": 0.0, **{v: 0.0 for v in variants}}
-    for r in range(args.repeat):
+    for _ in range(args.repeat):
         if args.fastdup_python:
             wall, mem = fastdup_run(args.fastdup_python, folder, work, args.workers)
             fastdup.append(n / wall)

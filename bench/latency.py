@@ -13,14 +13,23 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import clean_up, terminate, committed, machine, make_jpegs, pct, proc_memory_mb, start_daemon, wait  # noqa: E402
-from _common import free_port, scrape  # noqa: E402
+from _common import (
+    clean_up,
+    committed,
+    free_port,
+    machine,
+    make_jpegs,
+    pct,
+    proc_memory_mb,
+    scrape,
+    start_daemon,
+    terminate,
+    wait,
+)
 
 
 def main() -> None:

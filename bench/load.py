@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import shutil
 import sqlite3
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import clean_up, terminate, free_port, machine, make_jpegs, proc_memory_mb, scrape, start_daemon, wait  # noqa: E402
+from _common import clean_up, free_port, machine, make_jpegs, proc_memory_mb, scrape, start_daemon, terminate, wait
 
 
 def main() -> None:
@@ -93,7 +91,8 @@ def main() -> None:
         scans = log.read_text(errors="replace").count("reconcile scan:")
         print(f"| {args.n:,} files {w}x{h} created in {written:.1f}s | consistent after {elapsed:.0f}s | "
               f"{args.n / elapsed:.1f} files/s | peak RSS {max(peak['rss'], mem['VmHWM']):.0f} MB | "
-              f"queue depth max {peak['queue']:.0f} | inotify overflows {metrics.get('poolwatch_watcher_overflows_total', 0):.0f} | "
+              f"queue depth max {peak['queue']:.0f} | "
+              f"inotify overflows {metrics.get('poolwatch_watcher_overflows_total', 0):.0f} | "
               f"reconcile scans {scans} | rows {distinct:,} distinct of {args.n:,}, lost {args.n - distinct}, "
               f"integrity {integrity} |")
         print(f"SIGTERM -> exit {terminate(daemon, 120)}")

@@ -10,14 +10,11 @@ import argparse
 import cProfile
 import io
 import pstats
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
+from _common import machine
 
 
 def main() -> None:

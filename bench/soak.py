@@ -18,13 +18,11 @@ import io
 import os
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import clean_up, terminate, committed, free_port, machine, photo, proc_memory_mb, scrape, start_daemon, wait  # noqa: E402
+from _common import clean_up, committed, free_port, machine, photo, proc_memory_mb, scrape, start_daemon, terminate, wait
 
 
 def runs_total(metrics: dict[str, float], outcome: str) -> float:

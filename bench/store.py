@@ -12,20 +12,17 @@ from __future__ import annotations
 import argparse
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import machine
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
-
-from poolwatch.pipeline.decode import DecodeSettings  # noqa: E402
-from poolwatch.pipeline.embed import Embedder, ModelSpec, load_model  # noqa: E402
-from poolwatch.pipeline.ingest import activate_model, ingest_pass  # noqa: E402
-from poolwatch.pipeline.store import Store, vector_hash  # noqa: E402
+from poolwatch.pipeline.decode import DecodeSettings
+from poolwatch.pipeline.embed import Embedder, ModelSpec, load_model
+from poolwatch.pipeline.ingest import activate_model, ingest_pass
+from poolwatch.pipeline.store import Store, vector_hash
 
 
 def rss_mb() -> float:
