@@ -284,7 +284,9 @@ def _seeded_module(spec: ModelSpec, generator: torch.Generator) -> nn.Module:
 
     The module is built on the meta device (no memory, nothing drawn), then given CPU storage, and every
     layer is initialised as its own `reset_parameters` does it: weights kaiming-uniform (a = sqrt 5), biases
-    uniform in +-1/sqrt(fan_in), norm layers ones and zeros with fresh running statistics.
+    uniform in +-1/sqrt(fan_in), norm layers ones and zeros with fresh running statistics. (`torch.device`
+    as a context is a torch-function mode of this thread only; torch also notes the device in a module
+    variable that only torch.compile's guards read.)
     """
     with torch.device("meta"):
         model = build_module(spec)
