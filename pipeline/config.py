@@ -53,7 +53,7 @@ class ConfigError(UsageError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)  # a snapshot: the daemon swaps it, never edits it
 
 
 Number = StrictInt | StrictFloat
