@@ -22,6 +22,10 @@ class Component(Protocol):
     def start(self) -> None:
         """Start, or raise; a component that raised holds nothing (no thread, socket or process left)."""
 
+    def request_stop(self) -> None:
+        """Begin stopping without waiting: take no new work (the stop sequence tells every component this
+        first, then waits for each in reverse start order)."""
+
     def stop(self, timeout: float) -> bool:
         """Stop within `timeout` seconds (finishing the work in hand where it can); True when it did."""
 

@@ -43,6 +43,15 @@ class DecodePool(Executor):
         if wait:
             self._pool.join()
 
+    def stop_within(self, timeout: float) -> bool:
+        """Cancel every task and stop the workers; True when they ended within `timeout` seconds."""
+        self._pool.stop()  # type: ignore[no-untyped-call]
+        try:
+            self._pool.join(timeout)
+        except TimeoutError:
+            return False
+        return True
+
 
 class DecodeWorkers:
     """The decode pool as a daemon component (`lightly.loader.num_workers=0`: none, decode in-process)."""
@@ -59,11 +68,16 @@ class DecodeWorkers:
         self._started = True
 
     def stop(self, timeout: float) -> bool:
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
-            self.executor = None
+        """Cancel what is queued, stop the workers, wait for them at most `timeout` (a worker stuck in
+        uninterruptible I/O must not hang the daemon's stop)."""
         self._started = False
+        if self.executor is not None and not self.executor.stop_within(timeout):
+            return False
+        self.executor = None
         return True
+
+    def request_stop(self) -> None:
+        """Nothing to do early: the worker still collects its batch in hand from the pool."""
 
     def alive(self) -> bool:
         return self._started and (self.executor is None or self.executor.active)

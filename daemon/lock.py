@@ -81,6 +81,26 @@ def read_holder(shared: Path) -> Holder | None:
         return None
 
 
+def lock_holders(shared: Path) -> set[int] | None:
+    """The pids that hold an flock on the lock file, as /proc/locks names them in this PID namespace
+    (a holder in another namespace shows up with another pid, or none); None where /proc/locks is missing."""
+    try:
+        st = os.stat(shared / "poolwatch.lock")
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = set()
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF" (a blocked waiter has "->" after the number)
+        if "->" in fields or len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        if fields[5] == want and fields[4].isdigit():
+            holders.add(int(fields[4]))
+    return holders
+
+
 def is_locked(shared: Path) -> bool:
     """Whether some process holds the lock now (probed with a shared, non-blocking flock)."""
     try:
@@ -108,7 +128,16 @@ def running_daemon(shared: Path) -> int:
     """The pid of the live `poolwatch run` daemon of this shared_dir, or StateError saying why not."""
     pid_file = shared / "poolwatch.pid"
     holder = read_holder(shared)
-    if not is_locked(shared):
+    holders = lock_holders(shared)
+    if holder is not None and holders is not None and holders and holder.pid not in holders:
+        raise StateError(f"no running daemon for {shared} that this process can signal: pid {holder.pid} from "
+                         f"{pid_file} does not hold the lock here (a daemon in another PID namespace, e.g. "
+                         "another container: trigger it there, or `docker kill --signal=USR1`)")
+    if holder is not None and holder.pid == os.getpid():
+        raise StateError(f"no running daemon for {shared}: {pid_file} names this very process (pid {holder.pid}; "
+                         "a daemon in another PID namespace?)")
+    locked = bool(holders) if holders is not None else is_locked(shared)  # /proc/locks, else a probe
+    if not locked:
         stale = f" ({pid_file} is stale: pid {holder.pid})" if holder else ""
         raise StateError(f"no running daemon for {shared}{stale}")
     if holder is None:

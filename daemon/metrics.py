@@ -129,7 +129,10 @@ class MetricsServer:
         return self.thread is not None and self.thread.is_alive()
 
     def health(self) -> str:
-        return f"port {self.port}" if self.alive() else "DEAD"
+        return f"port {self.requested_port}" if self.alive() else "DEAD"
+
+    def request_stop(self) -> None:
+        """Nothing early: /healthz and /metrics keep answering (503 "stopping") until the worker has stopped."""
 
     def stop(self, timeout: float = 5.0) -> bool:
         if self.server is not None:

@@ -39,7 +39,9 @@ class Reconciler(ThreadComponent):
         self.on_root_back = on_root_back
         self._requested = threading.Event()
         self._outages: set[str] = set()
+        self._rewatch: set[str] = set()  # roots back from an outage that the watcher has not taken again yet
         self._lock = threading.Lock()
+        self._next_check = 0.0
         self.scans = 0
         self.scanning = False
 
@@ -74,7 +76,17 @@ class Reconciler(ThreadComponent):
                 next_scan = time.monotonic() + interval
 
     def check_roots(self) -> None:
-        for root in map(str, self.settings().input_paths):
+        """Outages start and end here; also called between the items of a long scan, so a root that goes
+        away (or comes back) during hours of re-embedding is noticed within a tick."""
+        self._next_check = time.monotonic() + TICK_SECONDS
+        roots = [str(p) for p in self.settings().input_paths]
+        with self._lock:
+            dropped = self._outages - set(roots)  # a reload removed them: their outage is over
+            self._outages -= dropped
+            self._rewatch &= set(roots)
+        for root in dropped:
+            self.metrics.outage_active.labels(root).set(0)
+        for root in roots:
             up = os.path.isdir(root) and os.access(root, os.R_OK | os.X_OK)
             with self._lock:
                 was_out = root in self._outages
@@ -89,8 +101,14 @@ class Reconciler(ThreadComponent):
             elif up and was_out:
                 self.metrics.outage_active.labels(root).set(0)
                 log.info("input directory %s is back; watching it again and rescanning", root)
-                self.on_root_back(root)
+                self._rewatch.add(root)
                 self._requested.set()
+        for root in sorted(self._rewatch):
+            try:
+                if self.on_root_back(root) is not False:
+                    self._rewatch.discard(root)
+            except Exception:
+                log.warning("could not watch %s again yet; retrying", root, exc_info=True)
 
     def scan(self) -> None:
         """Queue every file that needs work and every vanished file."""
@@ -114,10 +132,13 @@ class Reconciler(ThreadComponent):
                     items = [Item(r.root, r.relpath) for r in todo] + [Item(str(root), rel, "deleted") for rel in gone]
                     for item in items:
                         # Back-pressure: wait for room as long as it takes (a scan that gave up would lose
-                        # what it found); only a stop ends the wait.
-                        while not self.queue.put(item, timeout=0.5, background=True):
+                        # what it found); only a stop ends the wait. Outages are still checked meanwhile.
+                        while not self.queue.put(item, timeout=TICK_SECONDS, background=True):
                             if self.stopping.is_set() or self.queue.closed:
                                 return
+                            self.check_roots()
+                        if time.monotonic() >= self._next_check:
+                            self.check_roots()
                     queued += len(todo)
                     gone_total += len(gone)
             self.metrics.discovered.inc(queued)

@@ -66,6 +66,9 @@ class Scheduler:
     def health(self) -> str:
         return self.description if self.alive() else "DEAD"
 
+    def request_stop(self) -> None:
+        self.stop()
+
     def stop(self, timeout: float = 5.0) -> bool:
         if self._scheduler is not None and self._scheduler.running:
             self._scheduler.shutdown(wait=False)

@@ -71,12 +71,20 @@ class Service:
                 self.signals.install()
             log.info("poolwatch daemon starting (pid %d, shared_dir %s)", os.getpid(), self.config.shared_path)
             self._build()
-            self.supervisor.start()  # on failure everything started is stopped and StartError raised
-            if self.config.schedule.on_startup:
-                self.sampler.request("startup")
-            self.notifier.ready(f"watching {len(self.config.input_dir)} input dir(s)")
-            log.info("poolwatch daemon ready")
-            return self._stop(self._loop())
+            # On failure everything started is stopped again and StartError raised; a stop signal
+            # during start-up ends it between two components.
+            if not self.supervisor.start(abort=self.signals.stopping.is_set):
+                return 0
+            code = EXIT_FAILED
+            try:
+                if self.config.schedule.on_startup and not self.signals.stop_requested:
+                    self.sampler.request("startup")
+                self.notifier.ready(f"watching {len(self.config.input_dir)} input dir(s)")
+                log.info("poolwatch daemon ready")
+                code = self._loop()
+            finally:
+                code = self._stop(code)  # whatever ended the loop, the one stop sequence runs
+            return code
         finally:
             lock.release()
             self.notifier.close()
@@ -166,13 +174,18 @@ class Service:
         if model_changed(old, new) and not self.models.switch(new):
             self.metrics.reloads.labels("failed").inc()
             return
-        self.config = new
-        if new.input_dir != old.input_dir or new.watch != old.watch:
-            log.info("reload: restarting the watcher for the new input dirs / watch settings")
-            self.supervisor.replace("watcher", self._make_watcher())
-            self.reconciler.request()
+        self.config = new  # from here on every component reads the new snapshot
         if new.schedule != old.schedule:
             self.scheduler.apply(new.schedule)
+        if new.input_dir != old.input_dir or new.watch != old.watch:
+            log.info("reload: restarting the watcher for the new input dirs / watch settings")
+            self.reconciler.request()
+            try:
+                self.supervisor.replace("watcher", self._make_watcher())
+            except Exception as exc:  # the new settings stay; the supervisor retries the watcher's start
+                self.metrics.reloads.labels("failed").inc()
+                log.error("reload: the watcher could not start with the new settings (%s); retrying with backoff", exc)
+                return
         self.metrics.reloads.labels("ok").inc()
         self.notifier.notify("RELOADING=0", "STATUS=configuration reloaded")
         log.info("configuration reloaded (method %s, n_samples %s, min_distance %s, schedule %s)", new.method,

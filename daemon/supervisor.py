@@ -52,7 +52,7 @@ class Supervisor:
         self._started: list[_Entry] = []
         self._count_restart = on_restart_count
         self.hurry = hurry or threading.Event()  # a second stop signal sets it: remaining waits become short
-        self.ready = False
+        self.state = "starting"  # -> running -> stopping
 
     def add(self, component: Component, on_restart: Callable[[], None] | None = None) -> None:
         self._entries.append(_Entry(component, on_restart))
@@ -61,9 +61,15 @@ class Supervisor:
         return next(e.component for e in self._entries if e.component.name == name)
 
     # ---- start ----------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, abort: Callable[[], bool] = lambda: False) -> bool:
+        """Start every component in order; False (all stopped again) when `abort()` turns true between
+        two of them (a stop signal during start-up). Raises StartError when one fails to start."""
         for entry in self._entries:
             name = entry.component.name
+            if abort():
+                log.info("stop requested during start-up; stopping what started")
+                self.stop(timeout=10.0)
+                return False
             try:
                 entry.component.start()
             except Exception as exc:
@@ -73,7 +79,8 @@ class Supervisor:
                 raise StartError(f"{name} failed to start: {_one_line(exc)}", code) from exc
             self._started.append(entry)
             log.info("started %s", name)
-        self.ready = True
+        self.state = "running"
+        return True
 
     def replace(self, name: str, component: Component, timeout: float = 10.0) -> None:
         """Stop the named component and start `component` in its place (a reload that changes it)."""
@@ -113,19 +120,27 @@ class Supervisor:
         return None
 
     def health(self) -> tuple[bool, str]:
-        if not self.ready:
-            return False, "starting"
+        if self.state != "running":
+            return False, self.state
         parts = [(e.component.alive(), f"{e.component.name} {e.component.health()}") for e in self._started]
         ok = all(alive for alive, _ in parts)
         return ok, ", ".join(text for _, text in parts)
 
     # ---- stop -----------------------------------------------------------------------------
     def stop(self, timeout: float) -> bool:
-        """Stop every started component, last started first, within `timeout` in all; True when each
-        stopped in time. Components are told to stop first (intake ends), then waited for."""
-        self.ready = False
+        """Stop every started component within `timeout` in all; True when each stopped in time.
+
+        Two phases: every component is told to stop at once (intake ends, the worker finishes its batch in
+        hand while the sampler finishes its run), then each is waited for, last started first, against
+        the one deadline."""
+        self.state = "stopping"
         deadline = time.monotonic() + timeout
         clean = True
+        for entry in reversed(self._started):
+            try:
+                entry.component.request_stop()
+            except Exception:
+                log.exception("while asking %s to stop", entry.component.name)
         for entry in reversed(self._started):
             c = entry.component
             own = max(deadline, time.monotonic() + STOP_FLOOR)  # even past the deadline, a short chance
@@ -149,6 +164,7 @@ class Supervisor:
             else:
                 log.info("stopped %s", c.name)
         self._started.clear()
+        self.state = "stopped"
         return clean
 
 

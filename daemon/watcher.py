@@ -12,7 +12,7 @@ are queued at once. Deletions become `deleted` items; the worker confirms the fi
 before marking it missing.
 
 Nothing here blocks watchdog's dispatch thread for long: that thread holds the observer's lock, which
-`rewatch()` (called from the daemon's main loop) needs too. A put into a full ingest queue waits at
+`rewatch()` (called from the daemon's reconciler thread) needs too. A put into a full ingest queue waits at
 most `PUT_TIMEOUT`, and while the queue stays full, not at all; a walk of a new or moved folder stops
 after `WALK_BUDGET`. What could not be queued is left to a reconcile scan (`on_lost`), with one
 WARNING per full-queue spell, not one per file. `max_dispatch_seconds` records the longest event.
@@ -445,6 +445,10 @@ class Watcher:
         roots = f"{n} root{'' if n == 1 else 's'}" if n == total else f"{n} of {total} roots"
         full = ", queue full" if self._queue_full else ""
         return f"{'polling' if self.polling else 'inotify'}, {roots}{full}"
+
+    def request_stop(self) -> None:
+        """Intake ends at once: the observer is stopped, `stop` waits for it."""
+        self.stop(0.0)
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop the observer (and its inotify reader) and wait for them within `timeout`; True when stopped."""

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -133,9 +133,17 @@ def commit_batch(store: Store, embedder: Embedder, model_id: int, decoded: Seque
                 result.duplicate += 1
                 continue
             if pos not in vector_of:
-                # The model failed on this image alone: it stays pending (the next scan retries it)
-                # until MAX_EMBED_ATTEMPTS, then it is corrupt, so nothing is retried for ever.
-                attempts = _failed_attempts(store, d.ref) + 1
+                row = store.image_by_path(d.ref.root, d.ref.relpath)
+                if row is not None and row["status"] == "ok" and row["hash"] == d.hash:
+                    # Re-embedding for a new model failed: the image keeps its state and its older
+                    # vectors (which sampling may still use); the next scan tries again.
+                    ids[pos] = int(row["id"])
+                    continue
+                # The model failed on this image: it stays pending (the next scan retries it). Only a
+                # failure of this image alone counts (others in the same call were embedded): a model that
+                # fails on everything (a lost GPU, out of memory) must not use up every image's attempts.
+                # After MAX_EMBED_ATTEMPTS it is corrupt, so nothing is retried for ever.
+                attempts = _failed_attempts(row, d.ref) + (1 if vector_of else 0)
                 status = "pending" if attempts < MAX_EMBED_ATTEMPTS else "corrupt"
                 ids[pos] = store.upsert_image(replace(base, status=status, reason="embed_error", attempts=attempts,
                                                       detail=f"attempt {attempts}: {failed[pos]}"[:500]))
@@ -188,9 +196,8 @@ def embed_resilient(embedder: Embedder, pixels: dict[int, np.ndarray]) -> tuple[
     return vectors, failed
 
 
-def _failed_attempts(store: Store, ref: FileRef) -> int:
+def _failed_attempts(row: dict[str, Any] | None, ref: FileRef) -> int:
     """Earlier failed embeddings of this very file (same size and mtime); a changed file starts again."""
-    row = store.image_by_path(ref.root, ref.relpath)
     if row is None or row["status"] != "pending" or (row["size"], row["mtime_ns"]) != (ref.size, ref.mtime_ns):
         return 0
     return int(row["attempts"] or 0)

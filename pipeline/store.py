@@ -236,6 +236,8 @@ class Store:
             raise StoreError(f"the store {str(self.path)!r} has schema {version}, newer than this poolwatch ({len(MIGRATIONS)})")
         for number in range(version + 1, len(MIGRATIONS) + 1):
             with self.transaction():
+                if self.schema_version >= number:  # another process migrated it while we waited for the lock
+                    continue
                 for statement in MIGRATIONS[number - 1].split(";"):
                     if statement.strip():
                         self.conn.execute(statement)

@@ -44,7 +44,8 @@ def test_a_file_past_the_time_limit_gets_a_verdict_and_the_pool_goes_on(tmp_path
         (tmp_path / f"ok{i}.jpg").write_bytes(encode(photo(i)))
     os.link(slow_file, tmp_path / "huge.png")
     config = load_config(["lightly.loader.num_workers=2", "check.decode_timeout=0.3"])
-    pool = runtime.decode_executor(config)
+    limit: list[float | None] = [runtime.decode_timeout(config)]
+    pool = runtime.decode_executor(config, timeout=lambda: limit[0])  # read at every file, as the daemon does
     assert pool is not None
     try:
         names = ["ok0.jpg", "huge.png", "ok1.jpg", "ok2.jpg"]
@@ -57,7 +58,7 @@ def test_a_file_past_the_time_limit_gets_a_verdict_and_the_pool_goes_on(tmp_path
         [after] = list(decode_batches(refs_for(tmp_path, ["ok3.jpg", "ok4.jpg"]), SETTINGS, 8, pool))
         assert [d.ref.relpath for d in after] == ["ok3.jpg", "ok4.jpg"] and all(d.verdict.ok for d in after)
         # without a limit the same file decodes fine: the verdict is about time, not content
-        pool.timeout = None
+        limit[0] = None  # a reload's new check.decode_timeout applies from the next file on
         [again] = list(decode_batches(refs_for(tmp_path, ["huge.png"]), SETTINGS, 8, pool))
         assert again[0].verdict.ok and again[0].verdict.width == 12_000
     finally:

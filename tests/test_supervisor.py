@@ -56,6 +56,9 @@ class FailsToStart:
     def start(self) -> None:
         raise self.exc
 
+    def request_stop(self) -> None:
+        pass
+
     def stop(self, timeout: float) -> bool:
         return True
 
@@ -85,8 +88,7 @@ def test_a_failed_start_stops_what_had_started_and_says_why_in_one_line() -> Non
     assert info.value.exit_code == 1
     assert log == ["start decoders", "start models", "stopped models", "stopped decoders"]
     assert not first.alive() and not second.alive()
-    ok, why = sup.health()
-    assert not ok and why == "starting"
+    assert sup.health() == (False, "stopped")
     # A domain error keeps its own exit code.
     sup = Supervisor()
     sup.add(FailsToStart(ModelError("checkpoint: no such file")))

@@ -46,16 +46,20 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 class FlakyModel:
-    """The real model, except that it raises on any batch holding an all-black image while `failing`."""
+    """The real model, except that it raises on any batch holding an all-black image while `failing`, and
+    on every batch while `broken` (a lost GPU)."""
 
     def __init__(self, real: Any) -> None:
         self.real = real
         self.failing = threading.Event()
+        self.broken = threading.Event()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
+        if self.broken.is_set():
+            raise RuntimeError("injected: the model fails on everything")
         if self.failing.is_set() and (batch.reshape(len(batch), -1).max(axis=1) == 0).any():
             raise RuntimeError("injected: the model failed on this image")
         return self.real.embed(batch)
@@ -132,11 +136,21 @@ def test_a_pending_image_is_retried_by_the_daemon_and_the_attempts_are_bounded(p
     with Store.open(p.config.store_path) as store:
         assert store.has_vector(int(row["id"]), p.models.current().model_id)
 
-    # A file the model always fails on is retried MAX_EMBED_ATTEMPTS times, then it is corrupt.
+    # A model that fails on everything (a lost GPU) uses up no image's attempts.
+    p.flaky.broken.set()
+    (inp / "while_broken.jpg").write_bytes(encode(photo(50)))
+    p.reconciler.request()
+    row = wait_for(lambda: (r := p.row("while_broken.jpg")) and r["status"] == "pending" and r, 60, "pending")
+    assert row["attempts"] == 0, row
+    p.flaky.broken.clear()
+
+    # A file the model always fails on (while it embeds the others) is retried MAX_EMBED_ATTEMPTS times,
+    # then it is corrupt.
     Image.new("RGB", (40, 30)).save(inp / "black2.png")
     p.flaky.failing.set()
     for attempt in range(1, MAX_EMBED_ATTEMPTS + 1):
-        p.reconciler.request()  # no watcher here: each scan finds it (again)
+        (inp / f"companion_{attempt}.jpg").write_bytes(encode(photo(60 + attempt)))
+        p.reconciler.request()  # no watcher here: each scan finds it (again), with a new companion
         wait_for(lambda a=attempt: (r := p.row("black2.png")) and r["attempts"] == a, 60, f"attempt {attempt}")
     before = p.reconciler.scans
     p.reconciler.request()
