@@ -36,6 +36,11 @@ class Looping(ThreadComponent):
         self.log.append(f"start {self.name}")
         super().start()
 
+    def request_stop(self) -> None:
+        if not self.stopping.is_set():
+            self.log.append(f"asked {self.name}")
+        super().request_stop()
+
     def run(self) -> None:
         while not self.stopping.wait(0.01):
             if self.crash.is_set():
@@ -86,7 +91,8 @@ def test_a_failed_start_stops_what_had_started_and_says_why_in_one_line() -> Non
         sup.start()
     assert str(info.value) == "metrics failed to start: Address already in use"
     assert info.value.exit_code == 1
-    assert log == ["start decoders", "start models", "stopped models", "stopped decoders"]
+    assert log[:4] == ["start decoders", "start models", "asked models", "asked decoders"]  # reverse order
+    assert sorted(log[4:]) == ["stopped decoders", "stopped models"]
     assert not first.alive() and not second.alive()
     assert sup.health() == (False, "stopped")
     # A domain error keeps its own exit code.
@@ -134,8 +140,9 @@ def test_stop_is_reverse_order_and_a_second_signal_hurries_it() -> None:
     timer.join()
     assert not clean  # the worker's batch did not finish
     assert took < 5.0, took  # not the 60 s graceful timeout, nor the 6 s batch
-    assert log[:4] == ["start models", "start worker", "start watcher", "stopped watcher"]
-    assert "stopped models" in log
+    # Every part is told at once, last started first; then each is waited for.
+    assert log[:6] == ["start models", "start worker", "start watcher", "asked watcher", "asked worker", "asked models"]
+    assert {"stopped watcher", "stopped models"} <= set(log) and "stopped worker" not in log
     # The lingering worker thread finishes on its own; the autouse fixture waits up to 10 s for threads.
 
 
@@ -145,4 +152,4 @@ def test_stop_waits_for_work_in_hand_within_the_timeout() -> None:
     sup.add(Looping("worker", log, linger=0.3))
     sup.start()
     assert sup.stop(timeout=10.0)
-    assert log == ["start worker", "stopped worker"]
+    assert log == ["start worker", "asked worker", "stopped worker"]
