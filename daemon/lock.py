@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from poolwatch.pipeline.atomic import replacing
 from poolwatch.pipeline.errors import PoolwatchError, StateError
 
 DAEMON_ROLE = "run"
@@ -50,9 +51,8 @@ class ShareLock:
                 "stop it first, or send a running daemon `poolwatch trigger` for a sampling run"
             ) from None
         self._fd = fd
-        tmp = self.pid_path.with_suffix(".pid.tmp")
-        tmp.write_text(f"{os.getpid()} {self.role}\n")
-        os.replace(tmp, self.pid_path)
+        with replacing(self.pid_path, "w") as fh:
+            fh.write(f"{os.getpid()} {self.role}\n")
 
     def release(self) -> None:
         if self._fd is None:

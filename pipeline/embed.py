@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
-import tempfile
 import urllib.request
 import warnings
 from collections.abc import Iterable
@@ -38,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import replacing
 from .errors import ModelError
 
 if TYPE_CHECKING:
@@ -191,11 +190,8 @@ def _download(url: str, dest: Path, timeout: float) -> None:
 
 
 def _write_atomic(dest: Path, data: bytes) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}-")
-    with os.fdopen(fd, "wb") as fh:
+    with replacing(dest) as fh:
         fh.write(data)
-    os.replace(tmp, dest)
 
 
 def load_model(spec: ModelSpec, *, models_dir: Path, checkpoint: Path | None = None, trained: Path | None = None,

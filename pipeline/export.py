@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from .atomic import replacing
 from .errors import UsageError
 
 
@@ -53,6 +53,7 @@ class Naming:
 
     def parse(self, filename: str) -> tuple[str, str] | None:
         """The (root, relpath) a filename written by `name` came from; None when no root matches."""
+        filename = from_printable(filename)
         for root, prefix in self.prefixes.items():
             if prefix and filename.startswith(prefix):
                 return root, filename[len(prefix):]
@@ -61,12 +62,22 @@ class Naming:
 
 
 def printable(name: str) -> str:
-    """A file name as text: undecodable bytes (surrogate-escaped by Python) become `\\xNN`."""
+    """A file name as text, reversibly (`from_printable`): undecodable bytes (surrogate-escaped by Python)
+    become `\\xNN` and a backslash is doubled, so a file literally named `a\\xff.jpg` stays distinct."""
+    text = name.replace("\\", "\\\\")
     try:
-        name.encode("utf-8")
-        return name
+        text.encode("utf-8")
+        return text
     except UnicodeEncodeError:
-        return os.fsencode(name).decode("utf-8", "backslashreplace")
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+_ESCAPE = re.compile(r"\\(\\|x[89a-fA-F][0-9a-fA-F])")
+
+
+def from_printable(text: str) -> str:
+    """The file name `printable` wrote (an undecodable byte back to its surrogate escape)."""
+    return _ESCAPE.sub(lambda m: "\\" if m.group(1) == "\\" else chr(0xDC00 + int(m.group(1)[1:], 16)), text)
 
 
 def labels_for(relpaths: Sequence[str], folders: Sequence[str] | None = None) -> list[int]:
@@ -168,12 +179,5 @@ def dump_image(src: Path, dest: Path, *, size: int | Sequence[int], fmt: str, ap
     save_format = Image.registered_extensions()["." + fmt]
     if (save_format == "JPEG" and image.mode not in ("RGB", "L")) or image.mode not in ("RGB", "RGBA", "L", "LA", "P"):
         image = image.convert("RGB")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".dump-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, save_format)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(dest) as fh:
+        image.save(fh, save_format)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import textwrap
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .atomic import replacing, replacing_path
 from .errors import UsageError
 from .export import Naming, read_embeddings_csv
 from .store import Store
@@ -206,9 +206,8 @@ def build_report(store: Store, run_id: int, *, memory_gb: float | None = None, n
     plots.mkdir(exist_ok=True)
     _render(data, before, after, cand, incl, removed_mask, pool_mask, cand_names, incl_names, sel_set, out,
             Naming.for_roots(roots), roots)
-    tmp = out / f".report-{os.getpid()}.json"
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
-    os.replace(tmp, out / "report.json")
+    with replacing(out / "report.json", "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(data, indent=1, ensure_ascii=False, default=str))
     return data
 
 
@@ -252,14 +251,12 @@ def _render(data: dict[str, Any], before: DistanceStats, after: DistanceStats, c
     if examples is not None:
         pages.append(examples)
     pages.append(_tables_page(data))
-    tmp = out / f".report-{os.getpid()}.pdf"
-    with PdfPages(tmp) as pdf:
+    with replacing_path(out / "report.pdf") as tmp, PdfPages(tmp) as pdf:
         for fig in pages:
             pdf.savefig(fig)
         info = pdf.infodict()
         info["Title"] = f"poolwatch sampling run {data['run']['id']}"
         info["Creator"] = "poolwatch"
-    os.replace(tmp, out / "report.pdf")
     data["pdf_pages"] = len(pages)
 
 

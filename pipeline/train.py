@@ -28,7 +28,6 @@ import contextlib
 import inspect
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from PIL import Image, ImageFilter
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .atomic import replacing
 from .check import inspect_image
 from .embed import ModelSpec, build_module
 from .errors import UsageError
@@ -339,18 +339,8 @@ def _lightning_version() -> str | None:
 
 
 def _save_atomic(payload: dict[str, Any], dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with replacing(dest, durable=True) as fh:
+        torch.save(payload, fh)
 
 
 def train_simclr(paths: Sequence[Path], lightly_cfg: dict[str, Any], *, out_dir: Path, init: nn.Module | None = None,

@@ -63,6 +63,23 @@ def test_disk_full_fails_the_run_cleanly_and_the_next_one_succeeds(tmp_path: Pat
     assert json.loads(proc.stdout.strip().splitlines()[-1])["n_selected"] == 5
 
 
+@needs_root
+def test_disk_full_leaves_no_temp_file_and_the_retry_succeeds(tmp_path: Path, small_disk: Path) -> None:
+    inp, shared = tmp_path / "in", small_disk / "shared"
+    images(inp, 3)
+    filler = small_disk / "filler"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler.write_bytes(b"\0" * max(0, free - 2 * 1024 * 1024))  # 2 MiB left: the store fits, the weights do not
+    proc = run_cli("ingest", f"input_dir={inp}", f"shared_dir={shared}", *FAST)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "No space left on device" in proc.stderr.strip().splitlines()[-1]
+    assert [p.name for p in small_disk.rglob(".*") if p.is_file()] == []  # before: models/.random-...pt-XXXX
+    filler.unlink()
+    proc = run_cli("ingest", "--json", f"input_dir={inp}", f"shared_dir={shared}", *FAST)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["ok"] == 3
+
+
 LOCKER = r"""
 import sqlite3, sys, time
 conn = sqlite3.connect(sys.argv[1], isolation_level=None)
