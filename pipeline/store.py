@@ -192,13 +192,32 @@ def vector_hash(vector: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(vector, dtype=np.float32).tobytes(), digest_size=16).hexdigest()
 
 
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the store file, None when it is gone."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class Store:
-    """A poolwatch SQLite store. Open with `Store.open(path)`; close with `close()` or `with`."""
+    """A poolwatch SQLite store. Open with `Store.open(path)`; close with `close()` or `with`.
+
+    Every commit first checks that the file is still the one opened: SQLite keeps writing into a
+    file that was deleted (or replaced) under it, where every write is lost when the process ends."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self.conn = conn
         self.path = path
         self.db = sqlite_utils.Database(conn)
+        self.identity = file_identity(path)
+
+    def verify_file(self) -> None:
+        """Raise StoreError when the store file was removed or replaced since it was opened."""
+        if file_identity(self.path) != self.identity:
+            raise StoreError(f"the store {str(self.path)!r} was removed or replaced while in use; nothing more is "
+                             "written to it (start poolwatch again to use a new store)")
 
     # ---- lifecycle ------------------------------------------------------------------------
     @classmethod
@@ -252,6 +271,7 @@ class Store:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self.verify_file()
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
@@ -305,6 +325,32 @@ class Store:
             (_enc(root), model_id),
         )
         return {_dec(r[0]) for r in rows}
+
+    def missing_with_vector(self, root: str, model_id: int) -> set[str]:
+        rows = self.conn.execute(
+            "SELECT relpath FROM images i WHERE root = ? AND status = 'missing' AND EXISTS"
+            " (SELECT 1 FROM embeddings e WHERE e.image_id = i.id AND e.model_id = ?)",
+            (_enc(root), model_id),
+        )
+        return {_dec(r[0]) for r in rows}
+
+    def revive(self, root: str, relpaths: Iterable[str], model_id: int) -> list[str]:
+        """`missing` images that are back with their identity unchanged become `ok` again without being read,
+        when they still have a vector of `model_id` and no other `ok` image holds their bytes (else the
+        caller reads them: the duplicate rule decides). Returns the relpaths revived. Use in a transaction."""
+        revived = []
+        now = time.time()
+        for rel in relpaths:
+            cur = self.conn.execute(
+                "UPDATE images SET status = 'ok', reason = NULL, detail = NULL, updated = ? WHERE root = ? AND relpath = ?"
+                " AND status = 'missing'"
+                " AND EXISTS (SELECT 1 FROM embeddings e WHERE e.image_id = images.id AND e.model_id = ?)"
+                " AND NOT EXISTS (SELECT 1 FROM images o WHERE o.hash = images.hash AND o.status = 'ok' AND o.id != images.id)",
+                (now, _enc(root), _enc(rel), model_id),
+            )
+            if cur.rowcount:
+                revived.append(rel)
+        return revived
 
     def mark_missing(self, root: str, relpaths: Iterable[str]) -> int:
         now = time.time()
