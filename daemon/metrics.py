@@ -13,6 +13,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from poolwatch import __version__
 
@@ -83,14 +84,23 @@ class Metrics:
         self.batch_size.observe(files)
 
 
+REQUEST_TIMEOUT = 5.0  # seconds a client may take to send its request; an idle connection is closed after it
+
+
 class _QuietHandler(WSGIRequestHandler):
+    timeout = REQUEST_TIMEOUT  # socketserver applies it to the connection: an idle client cannot hold a thread
+
     def log_message(self, format: str, *args: object) -> None:  # the stdlib names it `format`
         log.debug("http: " + format, *args)
 
 
 class MetricsServer:
-    """/metrics (Prometheus text format) and /healthz (200 healthy, 503 not) on a background thread; a
-    daemon component. The socket is bound in `start`, so a port in use fails the daemon's start."""
+    """/metrics (Prometheus text format) and /healthz (200 healthy, 503 not); a daemon component.
+
+    prometheus_client's ThreadingWSGIServer serves each connection on a thread of its own, and every
+    connection has a timeout, so idle or slow clients (the port may be reachable by anyone) never keep
+    /healthz from answering. Other paths get 404; HEAD answers like GET without a body. The socket is
+    bound in `start`, so a port in use fails the daemon's start."""
 
     name = "metrics"
 
@@ -103,11 +113,20 @@ class MetricsServer:
         metrics_app = make_wsgi_app(self.metrics.registry)
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-            if environ.get("PATH_INFO") == "/healthz":
+            path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET")
+            if method not in ("GET", "HEAD"):
+                start_response("405 Method Not Allowed", [("Content-Type", "text/plain"), ("Allow", "GET, HEAD")])
+                body = [b"method not allowed\n"]
+            elif path == "/healthz":
                 ok, why = self.healthy()
                 start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
-                return [(("ok: " if ok else "unhealthy: ") + why + "\n").encode()]
-            return list(metrics_app(environ, start_response))
+                body = [(("ok: " if ok else "unhealthy: ") + why + "\n").encode()]
+            elif path in ("/metrics", "/"):
+                body = list(metrics_app({**environ, "REQUEST_METHOD": "GET"}, start_response))
+            else:
+                start_response("404 Not Found", [("Content-Type", "text/plain")])
+                body = [b"not found: try /metrics or /healthz\n"]
+            return [] if method == "HEAD" else body
 
         return app
 
@@ -118,7 +137,8 @@ class MetricsServer:
 
     def start(self) -> None:
         try:
-            self.server = make_server(self.host, self.requested_port, self._app(), handler_class=_QuietHandler)
+            self.server = make_server(self.host, self.requested_port, self._app(), ThreadingWSGIServer,
+                                      handler_class=_QuietHandler)
         except OSError as exc:
             raise OSError(exc.errno, f"metrics.port {self.requested_port} on {self.host}: {exc.strerror}") from None
         self.thread = threading.Thread(target=self.server.serve_forever, name="metrics-http", daemon=True)
