@@ -34,9 +34,21 @@ def setup_logging(level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+MAX_WORKERS_PER_CORE = 4  # decode workers beyond this many per core only cost memory and start-up time
+
+
 def num_workers(config: Config) -> int:
+    """Decode worker processes: loader.num_workers (-1 = one per core), at most 4 per core."""
+    cores = os.cpu_count() or 1
     n = int(config.lightly_get("loader.num_workers"))
-    return (os.cpu_count() or 1) if n < 0 else n
+    if n < 0:
+        return cores
+    cap = MAX_WORKERS_PER_CORE * cores
+    if n > cap:
+        log.warning("lightly.loader.num_workers=%d is more than %d per core; using %d decode workers on %d cores",
+                    n, MAX_WORKERS_PER_CORE, cap, cores)
+        return cap
+    return n
 
 
 def decode_settings(config: Config, input_size: int | None = None) -> DecodeSettings:
@@ -167,6 +179,18 @@ def load_embedder(config: Config, trained: Path | None = None) -> Embedder:
     log.info("model %s (%s: %s) on %s, input %dpx, %d-d embeddings, weights %s",
              spec.slug, model.source, model.detail, device, spec.input_size, spec.num_ftrs, model.weights_hash[:12])
     return Embedder(model, device, config.embedding_precision)
+
+
+def recover_runs(store: Store, shared: Path) -> None:
+    """After a process that died: finish or clean up its run (logged), and build the reports it left
+    unwritten. The daemon's sampler and `poolwatch sample` both call this before their first run."""
+    from poolwatch.pipeline.sampling import recover, runs_without_report
+
+    for line in recover(store, shared):
+        log.warning("recovery: %s", line)
+    for run_id in runs_without_report(store):
+        log.warning("recovery: run %d has no complete report; building it", run_id)
+        write_report(store, run_id)
 
 
 def write_report(store: Store, run_id: int) -> bool:

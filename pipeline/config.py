@@ -48,6 +48,9 @@ LIGHTLY_CHOICES: dict[str, tuple[Any, ...]] = {
 }
 
 
+NUMBER_ERRORS = {"int_type", "int_parsing", "int_from_float", "float_type", "float_parsing"}
+
+
 class ConfigError(UsageError):
     """A configuration problem; the message is one line fit for a user."""
 
@@ -426,6 +429,9 @@ def _format_validation_error(err: ValidationError, data: dict[str, Any]) -> str:
     # A validator's own message already says what is allowed; prefer it over pydantic's type errors.
     own = next((e for e in errors if e["type"] == "value_error"), None)
     msg = own["msg"].removeprefix("Value error, ") if own else first["msg"]
+    kinds = {e["type"] for e in errors}
+    if own is None and kinds & {"float_type", "float_parsing"} and kinds <= NUMBER_ERRORS:
+        msg = "allowed: a number"  # an int-or-float field: not "a valid integer" for 0.5-able options
     if not msg.startswith("allowed") and "allowed" not in msg:
         msg = f"allowed: {msg[0].lower()}{msg[1:]}"
     return f"{key}: invalid value {value!r}; {msg}"
@@ -449,12 +455,17 @@ def load_config(overrides: list[str] | None = None, config_file: str | Path | No
         layers = [OmegaConf.create(default_config_text())]
         if config_file is not None:
             path = Path(config_file)
+            if path.is_dir():
+                raise ConfigError(f"--config: {str(path)!r} is a directory; allowed: a YAML file")
             if not path.is_file():
                 raise ConfigError(f"--config: file {str(path)!r} does not exist")
             try:
                 text = path.read_text(encoding="utf-8")
             except OSError as exc:
                 raise ConfigError(f"--config: cannot read {str(path)!r}: {exc.strerror}") from None
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"--config: {str(path)!r} is not UTF-8 text (byte {exc.start}: "
+                                  f"{exc.object[exc.start:exc.start + 1]!r}); allowed: a UTF-8 YAML file") from None
             file_layer = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
             if not isinstance(yaml.safe_load(text) or {}, dict):
                 raise ConfigError(f"--config: {str(path)!r} is not a YAML mapping")
@@ -486,6 +497,12 @@ def validate(data: dict[str, Any]) -> Config:
         if not inside.is_relative_to(config.shared_path):
             raise ConfigError(f"store.path: invalid value {config.store.path!r}; allowed: a path inside shared_dir "
                               f"({config.shared_path}) - poolwatch writes nowhere else")
+    for root in config.input_paths:
+        if config.shared_path.is_relative_to(root):
+            # Everything poolwatch writes (store, runs, reports, dumps) is under shared_dir; inside an
+            # input dir it would be written there and ingested as images.
+            raise ConfigError(f"shared_dir: invalid value {config.shared_dir!r}; allowed: a directory outside every "
+                              f"input_dir (it is inside {str(root)!r}, and input dirs are read-only)")
     return config
 
 

@@ -12,7 +12,7 @@ import os
 import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .check import IMAGE_EXTENSIONS
 from .decode import FileRef
@@ -41,6 +41,8 @@ def discover(root: Path, ignore_patterns: Sequence[str] = ()) -> Iterator[FileRe
     """
     root = Path(root)
     try:
+        if root.exists() and not root.is_dir():
+            raise InputDirError(errno.ENOTDIR, "input directory is not a directory (a file?)", str(root))
         if not root.is_dir():
             raise InputDirError(errno.ENOENT, "input directory is missing", str(root))
         os.listdir(root)
@@ -73,15 +75,24 @@ def discover(root: Path, ignore_patterns: Sequence[str] = ()) -> Iterator[FileRe
         stack.extend(reversed(subdirs))
 
 
-def needs_work(known: KnownFile | None, size: int, mtime_ns: int, has_vector: bool) -> bool:
-    """THE rule, for `poolwatch ingest` and the daemon alike: a file needs work when it is new, its size
-    or mtime changed, it was `missing`, it is still `pending` (an embedding that failed is retried; the
-    ingest step bounds the attempts), or it is `ok` without a vector of the current model."""
+Decision = Literal["skip", "revive", "work"]
+
+
+def decide(known: KnownFile | None, size: int, mtime_ns: int, has_vector: bool) -> Decision:
+    """THE rule, for `poolwatch ingest` and the daemon alike (identity = root, relpath, size, mtime_ns):
+    - work: the file is new or its size or mtime changed; it is still `pending` (an embedding that failed
+      is retried; the ingest step bounds the attempts); it is `missing` without a vector of the current
+      model; or it is `ok` without one (a model change);
+    - revive: it was `missing` and is back unchanged with its vector: `ok` again without being read
+      (`Store.revive`; a file whose bytes another `ok` image now holds is read after all);
+    - skip: nothing changed."""
     if known is None or (known.size, known.mtime_ns) != (size, mtime_ns):
-        return True
-    if known.status in ("missing", "pending"):
-        return True
-    return known.status == "ok" and not has_vector
+        return "work"
+    if known.status == "missing":
+        return "revive" if has_vector else "work"
+    if known.status == "pending" or (known.status == "ok" and not has_vector):
+        return "work"
+    return "skip"
 
 
 def known_file(row: Mapping[str, Any] | None) -> KnownFile | None:
@@ -91,15 +102,26 @@ def known_file(row: Mapping[str, Any] | None) -> KnownFile | None:
     return KnownFile(int(row["id"]), int(row["size"]), int(row["mtime_ns"]), str(row["status"]))
 
 
-def plan(store: Store, root: Path, found: Iterable[FileRef], model_id: int | None = None) -> tuple[list[FileRef], list[str]]:
-    """(files needing work, relpaths gone from disk) for one input root."""
+def plan(store: Store, root: Path, found: Iterable[FileRef],
+         model_id: int | None = None) -> tuple[list[FileRef], list[str], list[FileRef]]:
+    """(files needing work, relpaths gone from disk, missing files back unchanged) for one input root."""
     known = store.known_files(str(root))
-    without_vector = store.ok_without_vector(str(root), model_id) if model_id is not None else set()
+    with_vector: set[str] = set()
+    without_vector: set[str] = set()
+    if model_id is not None:
+        without_vector = store.ok_without_vector(str(root), model_id)
+        with_vector = store.missing_with_vector(str(root), model_id)
     todo: list[FileRef] = []
+    revive: list[FileRef] = []
     seen: set[str] = set()
     for ref in found:
         seen.add(ref.relpath)
-        if needs_work(known.get(ref.relpath), ref.size, ref.mtime_ns, ref.relpath not in without_vector):
+        k = known.get(ref.relpath)
+        has_vector = ref.relpath in with_vector if k is not None and k.status == "missing" else ref.relpath not in without_vector
+        decision = decide(k, ref.size, ref.mtime_ns, has_vector)
+        if decision == "work":
             todo.append(ref)
+        elif decision == "revive":
+            revive.append(ref)
     gone = [rel for rel, k in known.items() if rel not in seen and k.status != "missing"]
-    return todo, gone
+    return todo, gone, revive
