@@ -61,11 +61,20 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("datapool", parents=[base], help="list, export, import or restore a datapool")
     p.add_argument("words", nargs="+", metavar="ACTION [NAME FILE] [key=value ...]",
                    help="list | export NAME FILE | import NAME FILE (adds) | restore NAME FILE (replaces)")
+    p.add_argument("--allow-empty", action="store_true", help="let `restore` empty a pool (a CSV without rows)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "datapool":
+        # `restore NAME FILE --allow-empty key=value`: argparse ends the words at the flag and leaves the rest.
+        args.words += [w for w in extra if w != "--allow-empty"]
+        args.allow_empty = args.allow_empty or "--allow-empty" in extra
+        extra = [w for w in extra if w.startswith("-") and w != "--allow-empty"]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "run":
         # Before the heavy imports: a signal during start-up is recorded, not fatal (nor ignored as PID 1).
         from .signals import SignalRecorder
@@ -269,7 +278,7 @@ def sanity_check(config: Config) -> int:
 
 
 def cmd_sample(config: Config, args: argparse.Namespace) -> int:
-    from poolwatch.pipeline.sampling import import_embeddings, recover, sample_run, summarize_run, validate_sampling
+    from poolwatch.pipeline.sampling import import_embeddings, sample_run, summarize_run, validate_sampling
 
     validate_sampling(config)
     model_id = preselected = None
@@ -290,8 +299,7 @@ def cmd_sample(config: Config, args: argparse.Namespace) -> int:
                  "ingest": {"processed": summary.processed, "forward_passes": summary.forward_passes,
                             "seconds": round(summary.seconds, 3)}}
     with open_store(config) as store:
-        for line in recover(store, config.shared_path):
-            log.warning("recovery: %s", line)
+        runtime.recover_runs(store, config.shared_path)
         log.info("sampling run (%s, pool %s) started", config.method, config.datapool.name or "none")
         result = sample_run(store, config, trigger="cli", model_id=model_id, preselected=preselected, extra_stats=extra)
         row = summarize_run(store.run(result.run_id) or {})
@@ -366,10 +374,13 @@ def cmd_datapool(config: Config, args: argparse.Namespace) -> int:
             size = write_pool_csv(store, config, name, model.id, file)
             print(f"exported {size} members of {name} to {file}")
             return EXIT_OK
-        ids, unknown = pool_ids_from_csv(store, config, file)
+        ids, unknown = pool_ids_from_csv(store, config, file, model.dim)
         if unknown:
             raise UsageError(f"datapool {action}: {len(unknown)} files in {file} are not in the store "
                              f"(first: {unknown[0]!r}); ingest them first")
+        if action == "restore" and not ids and not args.allow_empty:
+            raise UsageError(f"datapool restore: {file} names no file, which would empty {name!r}; "
+                             "add --allow-empty if that is what you want")
         if action == "restore":
             store.replace_pool(name, ids)
         else:

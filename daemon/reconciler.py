@@ -2,7 +2,7 @@
 
 Every tick it checks that each input dir is there and readable: one that vanished is an outage
 (logged, metric; its images keep their state, never a mass deletion), one that came back is watched
-again and rescanned. A scan queues (background lane) every file that `discover.needs_work` says needs
+again and rescanned. A scan queues (background lane) every file that `discover.decide` says needs
 work and every file that is gone; unchanged files are not read. Scans run at start-up, every
 `watch.rescan_interval`, and on request (an inotify overflow, an event the watcher could not queue,
 a worker restart, a model switch); a request during a scan runs one more scan right after it.
@@ -40,6 +40,7 @@ class Reconciler(ThreadComponent):
         self._requested = threading.Event()
         self._outages: set[str] = set()
         self._rewatch: set[str] = set()  # roots back from an outage that the watcher has not taken again yet
+        self._root_ids: dict[str, tuple[int, int]] = {}  # (device, inode) of each root seen up
         self._lock = threading.Lock()
         self._next_check = 0.0
         self.scans = 0
@@ -88,6 +89,13 @@ class Reconciler(ThreadComponent):
             self.metrics.outage_active.labels(root).set(0)
         for root in roots:
             up = os.path.isdir(root) and os.access(root, os.R_OK | os.X_OK)
+            if up and self._replaced(root):
+                # `mv in in.old; mkdir in; mv in.old/* in/` faster than a tick: no outage was seen, but the
+                # watch still follows the old directory, and the new one has none.
+                log.info("input directory %s was replaced by another directory; watching the new one and rescanning",
+                         root)
+                self._rewatch.add(root)
+                self._requested.set()
             with self._lock:
                 was_out = root in self._outages
                 if up:
@@ -110,6 +118,16 @@ class Reconciler(ThreadComponent):
             except Exception:
                 log.warning("could not watch %s again yet; retrying", root, exc_info=True)
 
+    def _replaced(self, root: str) -> bool:
+        try:
+            st = os.stat(root)
+        except OSError:
+            return False
+        ident = (st.st_dev, st.st_ino)
+        before = self._root_ids.get(root)
+        self._root_ids[root] = ident
+        return before is not None and before != ident
+
     def scan(self) -> None:
         """Queue every file that needs work and every vanished file."""
         cfg = self.settings()
@@ -128,7 +146,8 @@ class Reconciler(ThreadComponent):
                     except InputDirError as exc:
                         log.warning("reconcile skipped %s: %s", root, exc.strerror)
                         continue
-                    todo, gone = plan(store, root, found, self.model_id())
+                    todo, gone, back = plan(store, root, found, self.model_id())
+                    todo += back  # the worker revives them (or reads them) with the same rule
                     items = [Item(r.root, r.relpath) for r in todo] + [Item(str(root), rel, "deleted") for rel in gone]
                     for item in items:
                         # Back-pressure: wait for room as long as it takes (a scan that gave up would lose

@@ -14,12 +14,12 @@ from collections.abc import Callable
 
 from poolwatch.pipeline.config import Config
 from poolwatch.pipeline.errors import PoolwatchError
-from poolwatch.pipeline.sampling import recover, sample_run, validate_sampling
+from poolwatch.pipeline.sampling import sample_run, validate_sampling
 from poolwatch.pipeline.store import Store
 
 from .component import ThreadComponent
 from .metrics import Metrics
-from .runtime import release_free_memory, write_report
+from .runtime import recover_runs, release_free_memory, write_report
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,7 @@ class Sampler(ThreadComponent):
     def run(self) -> None:
         config = self.settings()
         with Store.open(config.store_path, float(config.store.busy_timeout)) as store:
-            for line in recover(store, config.shared_path):
-                log.warning("recovery: %s", line)
+            recover_runs(store, config.shared_path)
             while True:
                 with self._cond:
                     self._cond.wait_for(lambda: self._pending is not None or self.stopping.is_set())

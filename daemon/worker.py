@@ -3,7 +3,7 @@
 Batches up to `lightly.loader.batch_size` items but waits at most `watch.max_batch_wait` for a batch
 to fill, so a trickle is embedded promptly and a burst fills whole batches. Decoding runs in the
 decode pool; while the model embeds batch k, batch k+1 is already decoding (`ingest.start_decoding`).
-Which files need work is `discover.needs_work`'s decision, the same rule `poolwatch ingest` uses.
+Which files need work is `discover.decide`'s decision, the same rule `poolwatch ingest` uses.
 Settings are read from the daemon's current snapshot at every batch; the model from the model manager.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from poolwatch.pipeline.config import Config
 from poolwatch.pipeline.decode import FileRef
-from poolwatch.pipeline.discover import known_file, needs_work
+from poolwatch.pipeline.discover import decide, known_file
 from poolwatch.pipeline.ingest import MAX_EMBED_ATTEMPTS, InFlight, commit_batch, start_decoding
 from poolwatch.pipeline.store import Store
 
@@ -99,9 +99,10 @@ class Worker(ThreadComponent):
             store.close()
 
     def _prepare(self, store: Store, items: list[Item], model_id: int) -> list[FileRef]:
-        """Deletions are applied at once; files that need no work (`needs_work`) are skipped."""
+        """Deletions and revivals are applied at once; files that need no work (`decide`) are skipped."""
         refs: list[FileRef] = []
         gone: dict[str, list[str]] = {}
+        back: dict[str, list[FileRef]] = {}
         for item in items:
             path = os.path.join(item.root, item.relpath)
             try:
@@ -115,12 +116,19 @@ class Worker(ThreadComponent):
                 continue
             row = store.image_by_path(item.root, item.relpath)
             has_vector = row is not None and store.has_vector(int(row["id"]), model_id)
-            if needs_work(known_file(row), st.st_size, st.st_mtime_ns, has_vector):
-                refs.append(FileRef(item.root, item.relpath, st.st_size, st.st_mtime_ns))
-        if gone:
+            ref = FileRef(item.root, item.relpath, st.st_size, st.st_mtime_ns)
+            decision = decide(known_file(row), st.st_size, st.st_mtime_ns, has_vector)
+            if decision == "work":
+                refs.append(ref)
+            elif decision == "revive":
+                back.setdefault(item.root, []).append(ref)
+        if gone or back:
             with store.transaction():
                 for root, rels in gone.items():
                     self.metrics.missing.inc(store.mark_missing(root, rels))
+                for root, found in back.items():
+                    revived = set(store.revive(root, [r.relpath for r in found], model_id))
+                    refs += [r for r in found if r.relpath not in revived]
         return refs
 
     def _finish(self, store: Store, batch: _Batch, cfg: Config) -> None:

@@ -1,7 +1,7 @@
 """Ingest: read → hash → verdict → embed → store, one transaction per batch.
 
 A file's identity is (root, relpath, size, mtime_ns); whether it needs work is decided by
-`discover.needs_work` alone. Reading and decoding happen in `decode.read_and_decode` (a torch-free
+`discover.decide` alone. Reading and decoding happen in `decode.read_and_decode` (a torch-free
 module, so process-pool workers stay small), overlapped with the model: `start_decoding` submits a
 batch, `InFlight.collect` waits for it, so batch k+1 decodes while batch k is embedded — the one
 implementation of that overlap, used by `ingest_pass` and the daemon's worker. The model forward
@@ -218,6 +218,7 @@ class PassSummary:
     corrupt: int = 0
     duplicate: int = 0
     missing: int = 0
+    revived: int = 0  # missing images back unchanged: ok again without a read
     outages: list[str] = field(default_factory=list)
     forward_passes: int = 0
     seconds: float = 0.0
@@ -261,11 +262,14 @@ def ingest_pass(store: Store, embedder: Embedder, model_id: int, roots: Sequence
             summary.outages.append(f"{root}: {exc.strerror}")
             continue
         summary.discovered += len(found)
-        work, gone = plan(store, root, found, model_id)
+        work, gone, back = plan(store, root, found, model_id)
         todo.extend(work)
-        if gone:
+        if gone or back:
             with store.transaction():
                 summary.missing += store.mark_missing(str(root), gone)
+                revived = set(store.revive(str(root), [r.relpath for r in back], model_id))
+            summary.revived += len(revived)
+            todo.extend(r for r in back if r.relpath not in revived)  # their bytes are ok elsewhere now
     if on_plan is not None:
         on_plan(len(todo))
     last = clock()

@@ -25,9 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import replacing_path
 from .config import Config
 from .coreset import SamplingError, kcenter, random_sample, resolve_n_samples
 from .export import (
+    ExportError,
     Naming,
     dump_image,
     dump_name,
@@ -97,10 +99,28 @@ def recover(store: Store, shared: Path) -> list[str]:
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
                 done.append(f"removed the partial output folder {tmp.name}")
+        for stray in runs_dir.glob(".latest-*"):
+            stray.unlink(missing_ok=True)
+        for name in committed:
+            # A process killed while writing a report leaves its temp file (.report.pdf-1a2b3c4d).
+            for stray in (runs_dir / name).glob(".report*"):
+                stray.unlink(missing_ok=True)
+                done.append(f"removed the partial report file {name}/{stray.name}")
     for run_id in store.interrupted_runs():
         store.fail_run(run_id, "interrupted: the process stopped during the run", status="interrupted")
         done.append(f"marked run {run_id} as interrupted")
     return done
+
+
+def runs_without_report(store: Store, recent: int = 50) -> list[int]:
+    """Successful runs (of the last `recent`) whose folder exists but lacks report.pdf or report.json: the
+    process stopped between the run's commit and the end of its report."""
+    missing = []
+    for r in store.runs(limit=recent):
+        folder = Path(r["output_dir"]) if r["status"] == "ok" and r["output_dir"] else None
+        if folder is not None and folder.is_dir() and not all((folder / f).is_file() for f in ("report.pdf", "report.json")):
+            missing.append(int(r["id"]))
+    return sorted(missing)
 
 
 def _link_latest(runs_dir: Path, name: str) -> None:
@@ -270,12 +290,11 @@ def _write_outputs(store: Store, config: Config, out: Path, cand_ids: np.ndarray
 def write_pool_files(store: Store, config: Config, pool: str, model_id: int, history_name: str | None) -> int:
     """`<shared>/<pool>/datapool_latest.csv` and, with keep_history, `history/datapool_<run>.csv`."""
     pool_dir = config.shared_path / pool
-    tmp = pool_dir / f".datapool_latest-{os.getpid()}.csv"
-    size = write_pool_csv(store, config, pool, model_id, tmp)
-    if config.datapool.keep_history and history_name:
-        (pool_dir / "history").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tmp, pool_dir / "history" / f"datapool_{history_name}.csv")
-    os.replace(tmp, pool_dir / "datapool_latest.csv")
+    with replacing_path(pool_dir / "datapool_latest.csv") as tmp:
+        size = write_pool_csv(store, config, pool, model_id, tmp)
+        if config.datapool.keep_history and history_name:
+            with replacing_path(pool_dir / "history" / f"datapool_{history_name}.csv") as history:
+                shutil.copyfile(tmp, history)
     return size
 
 
@@ -289,9 +308,15 @@ def write_pool_csv(store: Store, config: Config, pool: str, model_id: int, path:
     return len(ids)
 
 
-def pool_ids_from_csv(store: Store, config: Config, path: Path) -> tuple[list[int], list[str]]:
-    """Image ids named by a pool CSV (lightly format), and the names the store does not know."""
+def pool_ids_from_csv(store: Store, config: Config, path: Path, dim: int) -> tuple[list[int], list[str]]:
+    """Image ids named by a pool CSV (lightly format), and the names the store does not know. A CSV whose
+    vectors are not `dim`-dimensional or not finite is not a pool of this store (ExportError)."""
     data = read_embeddings_csv(path)
+    if data.vectors.size and data.vectors.shape[1] != dim:
+        raise ExportError(f"datapool: {str(path)!r} has {data.vectors.shape[1]}-d vectors; the store's model has {dim}")
+    if not np.isfinite(data.vectors).all():
+        row = int(np.flatnonzero(~np.isfinite(data.vectors).all(axis=1))[0])
+        raise ExportError(f"datapool: {str(path)!r} row {row + 1} ({data.filenames[row]!r}) has a NaN or infinite value")
     naming = Naming.for_roots([str(p) for p in config.input_paths])
     by_root: dict[str, dict[str, int]] = {}
     ids, unknown = [], []

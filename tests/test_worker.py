@@ -158,8 +158,8 @@ def test_a_pending_image_is_retried_by_the_daemon_and_the_attempts_are_bounded(p
     row = p.row("black2.png")
     assert row is not None and row["status"] == "corrupt" and row["reason"] == "embed_error", row
     with Store.open(p.config.store_path) as store:
-        todo, gone = plan(store, inp, discover(inp), p.models.current().model_id)
-    assert todo == [] and gone == []  # nothing loops for ever
+        todo, gone, back = plan(store, inp, discover(inp), p.models.current().model_id)
+    assert todo == [] and gone == [] and back == []  # nothing loops for ever
 
 
 def test_the_sampler_runs_on_request_and_queues_one_more(parts: Parts) -> None:
