@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from abc import ABC, abstractmethod
 from typing import Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class Component(Protocol):
         """One short phrase for /healthz ("alive", "idle", "3 files queued", ...)."""
 
 
-class ThreadComponent:
+class ThreadComponent(ABC):
     """A component whose work is `run()` on one thread. `run` returns when `stopping` is set; an
     exception that escapes it is logged, kept in `error`, and makes the component dead."""
 
@@ -47,8 +48,9 @@ class ThreadComponent:
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
+    @abstractmethod
     def run(self) -> None:
-        raise NotImplementedError
+        """The component's work; returns once `stopping` is set."""
 
     def _main(self) -> None:
         try:

@@ -29,15 +29,10 @@ class IngestQueue:
         self._items: OrderedDict[tuple[str, str], Item] = OrderedDict()  # foreground
         self._background: OrderedDict[tuple[str, str], Item] = OrderedDict()
         self._cond = threading.Condition()
-        self._closed = False
 
     def __len__(self) -> int:
         with self._cond:
             return len(self._items) + len(self._background)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def background_len(self) -> int:
         with self._cond:
@@ -54,13 +49,11 @@ class IngestQueue:
                 return True
             lane = self._background if background else self._items
             deadline = None if timeout is None else time.monotonic() + timeout
-            while len(lane) >= self.maxsize and not self._closed:
+            while len(lane) >= self.maxsize:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
                 self._cond.wait(remaining)
-            if self._closed:
-                return False
             self._background.pop(key, None)
             lane[key] = item
             self._cond.notify_all()
@@ -69,10 +62,10 @@ class IngestQueue:
     def get_batch(self, max_items: int, max_wait: float, idle_timeout: float) -> list[Item]:
         """Up to max_items: waits up to idle_timeout for the first, then at most max_wait for more."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._items or self._background or self._closed, idle_timeout):
+            if not self._cond.wait_for(lambda: self._items or self._background, idle_timeout):
                 return []
             deadline = time.monotonic() + max_wait
-            while len(self._items) + len(self._background) < max_items and not self._closed:
+            while len(self._items) + len(self._background) < max_items:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self._cond.wait(remaining):
                     break
@@ -82,8 +75,3 @@ class IngestQueue:
                     batch.append(lane.popitem(last=False)[1])
             self._cond.notify_all()
             return batch
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()

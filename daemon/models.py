@@ -34,7 +34,7 @@ LIGHTLY_MODEL_KEYS = ("model", "collate", "pre_trained")
 
 
 def model_changed(old: Config, new: Config) -> bool:
-    return (any(getattr(new, k, None) != getattr(old, k, None) for k in MODEL_KEYS)
+    return (any(getattr(new, k) != getattr(old, k) for k in MODEL_KEYS)
             or any(new.lightly.get(k) != old.lightly.get(k) for k in LIGHTLY_MODEL_KEYS))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,17 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 0.5
 
 
+def _dir_identity(root: str) -> tuple[int, int] | None:
+    """(device, inode) of a readable input directory; None when it is missing or unreadable (an outage)."""
+    try:
+        st = os.stat(root)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or not os.access(root, os.R_OK | os.X_OK):
+        return None
+    return st.st_dev, st.st_ino
+
+
 class Reconciler(ThreadComponent):
     name = "reconciler"
 
@@ -40,7 +52,7 @@ class Reconciler(ThreadComponent):
         self._requested = threading.Event()
         self._outages: set[str] = set()
         self._rewatch: set[str] = set()  # roots back from an outage that the watcher has not taken again yet
-        self._root_ids: dict[str, tuple[int, int]] = {}  # (device, inode) of each root seen up
+        self._root_ids: dict[str, tuple[int, int]] = {}  # (device, inode) of each root when last seen up
         self._lock = threading.Lock()
         self._next_check = 0.0
         self.scans = 0
@@ -88,27 +100,25 @@ class Reconciler(ThreadComponent):
         for root in dropped:
             self.metrics.outage_active.labels(root).set(0)
         for root in roots:
-            up = os.path.isdir(root) and os.access(root, os.R_OK | os.X_OK)
-            if up and self._replaced(root):
-                # `mv in in.old; mkdir in; mv in.old/* in/` faster than a tick: no outage was seen, but the
-                # watch still follows the old directory, and the new one has none.
-                log.info("input directory %s was replaced by another directory; watching the new one and rescanning",
-                         root)
-                self._rewatch.add(root)
-                self._requested.set()
+            ident = _dir_identity(root)
+            before = self._root_ids.get(root)
             with self._lock:
                 was_out = root in self._outages
-                if up:
+                if ident is not None:
                     self._outages.discard(root)
+                    self._root_ids[root] = ident
                 else:
                     self._outages.add(root)
-            if not up and not was_out:
+            if ident is None and not was_out:
                 self.metrics.outages.labels(root).inc()
                 self.metrics.outage_active.labels(root).set(1)
                 log.error("input directory %s is missing or unreadable: outage (its images keep their state)", root)
-            elif up and was_out:
+            elif ident is not None and (was_out or (before is not None and before != ident)):
+                # Back from an outage, or replaced by another directory faster than a tick (`mv in in.old;
+                # mkdir in; mv in.old/* in/`): the old watch follows the old directory, the new one has none.
                 self.metrics.outage_active.labels(root).set(0)
-                log.info("input directory %s is back; watching it again and rescanning", root)
+                log.info("input directory %s is back%s; watching it again and rescanning", root,
+                         "" if was_out else " (another directory now)")
                 self._rewatch.add(root)
                 self._requested.set()
         for root in sorted(self._rewatch):
@@ -117,16 +127,6 @@ class Reconciler(ThreadComponent):
                     self._rewatch.discard(root)
             except Exception:
                 log.warning("could not watch %s again yet; retrying", root, exc_info=True)
-
-    def _replaced(self, root: str) -> bool:
-        try:
-            st = os.stat(root)
-        except OSError:
-            return False
-        ident = (st.st_dev, st.st_ino)
-        before = self._root_ids.get(root)
-        self._root_ids[root] = ident
-        return before is not None and before != ident
 
     def scan(self) -> None:
         """Queue every file that needs work and every vanished file."""
@@ -153,7 +153,7 @@ class Reconciler(ThreadComponent):
                         # Back-pressure: wait for room as long as it takes (a scan that gave up would lose
                         # what it found); only a stop ends the wait. Outages are still checked meanwhile.
                         while not self.queue.put(item, timeout=TICK_SECONDS, background=True):
-                            if self.stopping.is_set() or self.queue.closed:
+                            if self.stopping.is_set():
                                 return
                             self.check_roots()
                         if time.monotonic() >= self._next_check:

@@ -106,8 +106,7 @@ class Service:
         sup.add(self.decoders)
         sup.add(self.models)
         if cfg.metrics.enabled:
-            self.server = MetricsServer(self.metrics, cfg.metrics.host, cfg.metrics.port, self.health)
-            sup.add(self.server)
+            sup.add(MetricsServer(self.metrics, cfg.metrics.host, cfg.metrics.port, self.health))
         sup.add(self.worker, on_restart=self.reconciler.request)  # what the dead worker held is found again
         sup.add(self.sampler)
         sup.add(self.reconciler)

@@ -282,8 +282,7 @@ class Watcher:
             if self._queue_full:
                 self._end_spell()
             return True
-        if not self.queue.closed:
-            self._lost(f"{item.root}/{item.relpath}")
+        self._lost(f"{item.root}/{item.relpath}")
         return False
 
     def _lost(self, what: str) -> None:

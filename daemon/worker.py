@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from poolwatch.pipeline.config import Config
 from poolwatch.pipeline.decode import FileRef
-from poolwatch.pipeline.discover import decide, known_file
+from poolwatch.pipeline.discover import decide
 from poolwatch.pipeline.ingest import MAX_EMBED_ATTEMPTS, InFlight, commit_batch, start_decoding
 from poolwatch.pipeline.store import Store
 
@@ -114,10 +114,8 @@ class Worker(ThreadComponent):
             except OSError:
                 refs.append(FileRef(item.root, item.relpath, -1, -1))  # unreadable: its verdict says why
                 continue
-            row = store.image_by_path(item.root, item.relpath)
-            has_vector = row is not None and store.has_vector(int(row["id"]), model_id)
             ref = FileRef(item.root, item.relpath, st.st_size, st.st_mtime_ns)
-            decision = decide(known_file(row), st.st_size, st.st_mtime_ns, has_vector)
+            decision = decide(store.known_file(item.root, item.relpath, model_id), st.st_size, st.st_mtime_ns)
             if decision == "work":
                 refs.append(ref)
             elif decision == "revive":

@@ -10,9 +10,9 @@ import errno
 import fnmatch
 import os
 import stat
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from .check import IMAGE_EXTENSIONS
 from .decode import FileRef
@@ -78,8 +78,9 @@ def discover(root: Path, ignore_patterns: Sequence[str] = ()) -> Iterator[FileRe
 Decision = Literal["skip", "revive", "work"]
 
 
-def decide(known: KnownFile | None, size: int, mtime_ns: int, has_vector: bool) -> Decision:
-    """THE rule, for `poolwatch ingest` and the daemon alike (identity = root, relpath, size, mtime_ns):
+def decide(known: KnownFile | None, size: int, mtime_ns: int) -> Decision:
+    """THE rule, for `poolwatch ingest` and the daemon alike (identity = root, relpath, size, mtime_ns;
+    `known.has_vector` is about the current model):
     - work: the file is new or its size or mtime changed; it is still `pending` (an embedding that failed
       is retried; the ingest step bounds the attempts); it is `missing` without a vector of the current
       model; or it is `ok` without one (a model change);
@@ -89,36 +90,22 @@ def decide(known: KnownFile | None, size: int, mtime_ns: int, has_vector: bool) 
     if known is None or (known.size, known.mtime_ns) != (size, mtime_ns):
         return "work"
     if known.status == "missing":
-        return "revive" if has_vector else "work"
-    if known.status == "pending" or (known.status == "ok" and not has_vector):
+        return "revive" if known.has_vector else "work"
+    if known.status == "pending" or (known.status == "ok" and not known.has_vector):
         return "work"
     return "skip"
 
 
-def known_file(row: Mapping[str, Any] | None) -> KnownFile | None:
-    """A store row (`Store.image_by_path`) as the rule's input."""
-    if row is None:
-        return None
-    return KnownFile(int(row["id"]), int(row["size"]), int(row["mtime_ns"]), str(row["status"]))
-
-
 def plan(store: Store, root: Path, found: Iterable[FileRef],
-         model_id: int | None = None) -> tuple[list[FileRef], list[str], list[FileRef]]:
+         model_id: int) -> tuple[list[FileRef], list[str], list[FileRef]]:
     """(files needing work, relpaths gone from disk, missing files back unchanged) for one input root."""
-    known = store.known_files(str(root))
-    with_vector: set[str] = set()
-    without_vector: set[str] = set()
-    if model_id is not None:
-        without_vector = store.ok_without_vector(str(root), model_id)
-        with_vector = store.missing_with_vector(str(root), model_id)
+    known = store.known_files(str(root), model_id)
     todo: list[FileRef] = []
     revive: list[FileRef] = []
     seen: set[str] = set()
     for ref in found:
         seen.add(ref.relpath)
-        k = known.get(ref.relpath)
-        has_vector = ref.relpath in with_vector if k is not None and k.status == "missing" else ref.relpath not in without_vector
-        decision = decide(k, ref.size, ref.mtime_ns, has_vector)
+        decision = decide(known.get(ref.relpath), ref.size, ref.mtime_ns)
         if decision == "work":
             todo.append(ref)
         elif decision == "revive":

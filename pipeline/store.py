@@ -119,10 +119,13 @@ MIGRATIONS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class KnownFile:
+    """What the rule that decides whether a file needs work (`discover.decide`) knows of its row."""
+
     id: int
     size: int
     mtime_ns: int
     status: str
+    has_vector: bool = False  # of the model asked about (False when none was)
 
 
 @dataclass(frozen=True)
@@ -281,9 +284,18 @@ class Store:
         return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
 
     # ---- images ---------------------------------------------------------------------------
-    def known_files(self, root: str) -> dict[str, KnownFile]:
-        rows = self.conn.execute("SELECT relpath, id, size, mtime_ns, status FROM images WHERE root = ?", (_enc(root),))
-        return {_dec(r[0]): KnownFile(r[1], r[2], r[3], r[4]) for r in rows}
+    _KNOWN = ("SELECT relpath, id, size, mtime_ns, status,"
+              " EXISTS (SELECT 1 FROM embeddings e WHERE e.image_id = i.id AND e.model_id = ?) FROM images i")
+
+    def known_files(self, root: str, model_id: int | None = None) -> dict[str, KnownFile]:
+        """Every row of a root, with whether `model_id` has a vector for it: one query for a whole scan."""
+        rows = self.conn.execute(f"{self._KNOWN} WHERE root = ?", (model_id, _enc(root)))
+        return {_dec(r[0]): KnownFile(r[1], r[2], r[3], r[4], bool(r[5])) for r in rows}
+
+    def known_file(self, root: str, relpath: str, model_id: int) -> KnownFile | None:
+        row = self.conn.execute(f"{self._KNOWN} WHERE root = ? AND relpath = ?",
+                                (model_id, _enc(root), _enc(relpath))).fetchone()
+        return KnownFile(row[1], row[2], row[3], row[4], bool(row[5])) if row else None
 
     def upsert_image(self, rec: ImageRecord) -> int:
         """Insert or update the row of (root, relpath); returns its id. Use inside a transaction."""
@@ -317,22 +329,6 @@ class Store:
             (content_hash, exclude_id),
         ).fetchone()
         return int(row[0]) if row else None
-
-    def ok_without_vector(self, root: str, model_id: int) -> set[str]:
-        rows = self.conn.execute(
-            "SELECT relpath FROM images i WHERE root = ? AND status = 'ok' AND NOT EXISTS"
-            " (SELECT 1 FROM embeddings e WHERE e.image_id = i.id AND e.model_id = ?)",
-            (_enc(root), model_id),
-        )
-        return {_dec(r[0]) for r in rows}
-
-    def missing_with_vector(self, root: str, model_id: int) -> set[str]:
-        rows = self.conn.execute(
-            "SELECT relpath FROM images i WHERE root = ? AND status = 'missing' AND EXISTS"
-            " (SELECT 1 FROM embeddings e WHERE e.image_id = i.id AND e.model_id = ?)",
-            (_enc(root), model_id),
-        )
-        return {_dec(r[0]) for r in rows}
 
     def revive(self, root: str, relpaths: Iterable[str], model_id: int) -> list[str]:
         """`missing` images that are back with their identity unchanged become `ok` again without being read,

@@ -4,6 +4,8 @@ UTF-8, idle connections to the metrics port, a shared_dir inside an input dir, a
 from __future__ import annotations
 
 import http.client
+import json
+import os
 import signal
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +23,16 @@ def images(folder: Path, n: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         (folder / f"img_{i:03d}.jpg").write_bytes(encode(photo(9000 + i)))
+
+
+def daemon_with(tmp_path: Path, daemons: list[Daemon], inp: Path, shared: Path, n: int) -> Daemon:
+    """A running daemon over `n` fresh images in `inp`, once it has ingested them."""
+    images(inp, n)
+    d = Daemon(tmp_path, [inp], shared)
+    daemons.append(d)
+    d.start()
+    wait_for(lambda: d.ingested_total() == n, 60, "the first images", d)
+    return d
 
 
 def one_error_line(stderr: str) -> str:
@@ -103,11 +115,7 @@ def test_an_absurd_decode_worker_count_is_capped(tmp_path: Path) -> None:
 
 def test_a_store_deleted_under_the_daemon_stops_it(tmp_path: Path, daemons: list[Daemon]) -> None:
     inp, shared = tmp_path / "in", tmp_path / "shared"
-    images(inp, 3)
-    d = Daemon(tmp_path, [inp], shared)
-    daemons.append(d)
-    d.start()
-    wait_for(lambda: d.ingested_total() == 3, 60, "the first images", d)
+    d = daemon_with(tmp_path, daemons, inp, shared, 3)
     for f in shared.glob("poolwatch.db*"):
         f.unlink()
     images(inp / "later", 3)
@@ -174,8 +182,6 @@ def test_small_ones_input_file_number_options_and_bad_pool_files(tmp_path: Path)
 
 
 def test_a_pool_with_undecodable_and_backslash_names_round_trips(tmp_path: Path) -> None:
-    import os
-
     inp, shared = tmp_path / "in", tmp_path / "shared"
     images(inp, 2)
     with open(os.fsencode(inp) + b"/raw\xff.jpg", "wb") as fh:  # not valid UTF-8
@@ -197,18 +203,12 @@ def test_a_pool_with_undecodable_and_backslash_names_round_trips(tmp_path: Path)
 
 def test_files_back_after_their_dir_was_replaced_are_ok_again_without_re_embedding(
         tmp_path: Path, daemons: list[Daemon]) -> None:
-    import os
-
     inp, shared = tmp_path / "in", tmp_path / "shared"
-    images(inp, 5)
-    d = Daemon(tmp_path, [inp], shared)
-    daemons.append(d)
-    d.start()
-    wait_for(lambda: d.ingested_total() == 5, 60, "the first images", d)
+    d = daemon_with(tmp_path, daemons, inp, shared, 5)
 
     def statuses() -> dict[str, str]:
         out = run_cli("status", "--json", f"shared_dir={shared}", timeout=60)
-        return __import__("json").loads(out.stdout)["images"]
+        return json.loads(out.stdout)["images"]
 
     # mv in in.bak; mkdir in; mv in.bak/*.jpg in/ — and one file renamed on the way in.
     backup = tmp_path / "in.bak"
