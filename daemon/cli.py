@@ -25,6 +25,8 @@ from . import runtime
 from .lock import ShareLock, running_daemon
 
 if TYPE_CHECKING:
+    from poolwatch.pipeline.calibration import Calibration
+    from poolwatch.pipeline.decode import DecodeSettings
     from poolwatch.pipeline.ingest import BatchResult, PassSummary
 
 log = logging.getLogger(__name__)
@@ -138,15 +140,32 @@ def cmd_ingest(config: Config, args: argparse.Namespace) -> int:
     return EXIT_FAILED if summary.outages and summary.discovered == 0 else EXIT_OK
 
 
+def _first_images(config: Config, store: Store) -> Callable[[DecodeSettings], Calibration | None]:
+    """An int8 store with too few images to calibrate on: when this pass will embed at least the calibration
+    count, it calibrates on its first images before embedding any, so nothing is embedded twice."""
+    from poolwatch.pipeline import calibration
+    from poolwatch.pipeline.engine import CALIBRATION_COUNT
+    from poolwatch.pipeline.ingest import planned_work
+
+    def first_images(settings: DecodeSettings) -> Calibration | None:
+        current = store.current_model()
+        todo = planned_work(store, config.input_paths, config.watch.ignore_patterns, current.id if current else None)
+        if len(todo) < CALIBRATION_COUNT:
+            log.info("%d files to embed, fewer than the %d that int8 calibrates on", len(todo), CALIBRATION_COUNT)
+            return None
+        log.info("calibrating int8 on the first %d good images of this pass before embedding any", CALIBRATION_COUNT)
+        return calibration.from_plan(todo, settings, CALIBRATION_COUNT)
+    return first_images
+
+
 def ingest_once(config: Config) -> PassSummary:
     """One ingest pass with a progress bar on a terminal; outages are logged."""
     from tqdm import tqdm
 
     from poolwatch.pipeline.ingest import activate_model, ingest_pass
 
-    runtime.configure_torch_threads()
-    embedder = runtime.load_embedder(config)
     store = open_store(config)
+    embedder = runtime.load_engine(config, calibrate=_first_images(config, store), store=store)
     executor = runtime.decode_executor(config)
     bar = tqdm(total=0, unit="img", disable=not sys.stderr.isatty(), dynamic_ncols=True)
     try:
@@ -162,7 +181,7 @@ def ingest_once(config: Config) -> PassSummary:
             bar.set_postfix(efficiency=f"{result.compute_efficiency:.2f}")
 
         summary = ingest_pass(
-            store, embedder, model_id, config.input_paths, runtime.decode_settings(config), config.batch_size,
+            store, embedder, model_id, config.input_paths, runtime.decode_settings(config, embedder), config.batch_size,
             executor=executor, remove_duplicates=config.remove_exact_duplicates,
             ignore_patterns=config.watch.ignore_patterns, on_plan=on_plan, on_batch=on_batch,
         )
@@ -236,10 +255,11 @@ def sanity_check(config: Config) -> int:
     def _model() -> str:
         import numpy as np
 
-        embedder = runtime.load_embedder(config)
+        embedder = runtime.load_engine(config)
         out = embedder.embed(np.zeros((2, embedder.input_size, embedder.input_size, 3), dtype=np.uint8))
         assert out.shape == (2, embedder.dim) and np.isfinite(out).all()
-        return f"{embedder.model.spec.slug} from {embedder.model.source}, {embedder.dim}-d output"
+        return (f"{embedder.info.name} from {embedder.info.source} on {embedder.runtime} {embedder.precision}, "
+                f"{embedder.dim}-d output")
 
     @check("shared_dir")
     def _shared() -> str:
@@ -404,9 +424,9 @@ def train_and_switch(config: Config) -> dict[str, Any]:
         paths = [Path(r["root"]) / r["relpath"] for r in store.images("ok") if r["root"] in roots]
     if config.embeddings:
         raise UsageError("enable_training: cannot train when embeddings= is given (there are no images)")
-    current = runtime.load_embedder(config)
+    current = runtime.load_torch_model(config)
     epochs = int(config.lightly_get("trainer.max_epochs"))
-    log.info("training SimCLR on %d images for %d epochs from the %s model", len(paths), epochs, current.model.source)
+    log.info("training SimCLR on %d images for %d epochs from the %s model", len(paths), epochs, current.source)
     bar = tqdm(total=None, unit="step", disable=not sys.stderr.isatty(), dynamic_ncols=True, desc="training")
 
     def progress(epoch: int, step: int, loss: float) -> None:
@@ -415,18 +435,18 @@ def train_and_switch(config: Config) -> dict[str, Any]:
 
     pool = config.datapool.name
     try:
-        result = train_simclr(paths, config.lightly, out_dir=config.shared_path, init=current.model.module,
-                              seed=int(config.lightly_get("seed")), device=current.device,
+        result = train_simclr(paths, config.lightly, out_dir=config.shared_path, init=current.module,
+                              seed=int(config.lightly_get("seed")), device=runtime.training_device(config),
                               num_workers=runtime.num_workers(config), progress=progress,
                               extra_checkpoint=config.shared_path / pool / "checkpoint_latest.ckpt" if pool else None)
     finally:
         bar.close()
     # A copy named by its weights keeps this model's file even when a later training reuses the name.
-    trained = runtime.load_embedder(config, trained=result.checkpoint)
-    keep = config.shared_path / "models" / f"trained-{trained.model.weights_hash[:16]}.ckpt"
+    trained = runtime.load_engine(config, trained=result.checkpoint)
+    keep = config.shared_path / "models" / f"trained-{trained.info.weights_hash[:16]}.ckpt"
     keep.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.checkpoint, keep)
-    trained.model.path = str(keep)
+    trained.info.path = str(keep)
     from poolwatch.pipeline.ingest import activate_model
 
     with open_store(config) as store:

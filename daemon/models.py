@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from poolwatch.pipeline.config import Config
+from poolwatch.pipeline.engine import CALIBRATION_COUNT
 from poolwatch.pipeline.ingest import activate_model
 from poolwatch.pipeline.store import Store
 
@@ -23,24 +25,27 @@ from .component import ThreadComponent
 from .metrics import Metrics
 
 if TYPE_CHECKING:
-    from poolwatch.pipeline.embed import Embedder
+    from poolwatch.pipeline.engine import Engine
 
 log = logging.getLogger(__name__)
 
 COVERAGE_EVERY = 5.0  # seconds between re-embedding progress checks
+CALIBRATION_RETRY = 600.0  # seconds before a failed int8 calibration is tried again
 # Settings that make another model; a reload that changes one of them switches models.
 MODEL_KEYS = ("checkpoint", "device", "model", "embedding_precision")
+CHECK_MODEL_KEYS = ("exact_decode",)  # the decode mode changes the pixels: another model
 LIGHTLY_MODEL_KEYS = ("model", "collate", "pre_trained")
 
 
 def model_changed(old: Config, new: Config) -> bool:
     return (any(getattr(new, k) != getattr(old, k) for k in MODEL_KEYS)
+            or any(getattr(new.check, k) != getattr(old.check, k) for k in CHECK_MODEL_KEYS)
             or any(new.lightly.get(k) != old.lightly.get(k) for k in LIGHTLY_MODEL_KEYS))
 
 
 @dataclass(frozen=True)
 class ModelState:
-    embedder: Embedder
+    embedder: Engine
     model_id: int
 
     @property
@@ -54,13 +59,14 @@ class ModelManager(ThreadComponent):
     def __init__(self, settings: Callable[[], Config], metrics: Metrics,
                  sampler_running: Callable[[], bool] = lambda: False,
                  on_switch: Callable[[], None] = lambda: None,
-                 loader: Callable[[Config], Embedder] | None = None) -> None:
+                 loader: Callable[[Config], Engine] | None = None) -> None:
         super().__init__()
         self.settings, self.metrics = settings, metrics
-        self.load = loader or runtime.load_embedder  # tests wrap the real loader to inject model faults
+        self.load = loader or runtime.load_engine  # tests wrap the real loader to inject model faults
         self.sampler_running, self.on_switch = sampler_running, on_switch
         self._state: ModelState | None = None
         self._lock = threading.Lock()
+        self._next_calibration = 0.0
 
     def current(self) -> ModelState:
         with self._lock:
@@ -71,11 +77,10 @@ class ModelManager(ThreadComponent):
     def start(self) -> None:
         if self._state is None:
             cfg = self.settings()
-            runtime.configure_torch_threads()
             self._activate(cfg, self.load(cfg))
         super().start()
 
-    def _activate(self, cfg: Config, embedder: Embedder) -> tuple[int, int, int]:
+    def _activate(self, cfg: Config, embedder: Engine) -> tuple[int, int, int]:
         """Register and make current; returns (model id, images covered, images in all)."""
         with Store.open(cfg.store_path, float(cfg.store.busy_timeout)) as store:
             model_id = activate_model(store, embedder)
@@ -84,11 +89,11 @@ class ModelManager(ThreadComponent):
                 self.metrics.pool_size.labels(pool).set(size)
         with self._lock:
             self._state = ModelState(embedder, model_id)
-        m = embedder.model
-        self.metrics.model_info.info({"source": m.source, "name": m.spec.name, "dim": str(m.spec.num_ftrs),
-                                      "input_size": str(m.spec.input_size), "weights": m.weights_hash[:12],
-                                      "model_id": str(model_id)})
-        self.metrics.model_dim.set(m.spec.num_ftrs)
+        m = embedder.info
+        self.metrics.model_info.info({"source": m.source, "name": m.name, "dim": str(m.dim), "input_size": str(m.input_size),
+                                      "weights": m.weights_hash[:12], "model_id": str(model_id), "runtime": embedder.runtime,
+                                      "precision": embedder.precision})
+        self.metrics.model_dim.set(m.dim)
         return model_id, done, total
 
     def switch(self, new: Config) -> bool:
@@ -106,13 +111,40 @@ class ModelManager(ThreadComponent):
             log.info("reload: the model is unchanged (same weights and input size)")
             return True
         log.info("reload: model %d (%s) is now current; re-embedding %d of %d images in the background, "
-                 "sampling uses model %d until then", model_id, embedder.model.source, total - done, total, old_id)
+                 "sampling uses model %d until then", model_id, embedder.info.source, total - done, total, old_id)
         self.on_switch()
         return True
 
     def run(self) -> None:
         while not self.stopping.wait(COVERAGE_EVERY):
+            self.check_calibration()
             self.check_coverage()
+
+    def check_calibration(self) -> None:
+        """A store whose mode is int8 that started with too few images to calibrate on runs the interim mode;
+        once it holds enough `ok` images, calibrate (in the model builder's child) and switch to int8, which
+        re-embeds the images stored so far in the background like any model change."""
+        if time.monotonic() < self._next_calibration:
+            return
+        cfg, state = self.settings(), self.current()
+        try:
+            with Store.open(cfg.store_path, float(cfg.store.busy_timeout)) as store:
+                if not runtime.awaits_calibration(store, state.embedder) or store.count_ok() < CALIBRATION_COUNT:
+                    return
+            log.info("the store holds %d ok images or more: calibrating int8 on them", CALIBRATION_COUNT)
+            engine = self.load(cfg)
+        except Exception:  # the interim model keeps running; try again later
+            log.warning("int8 calibration failed; embedding stays %s, next try in %.0fs", state.embedder.precision,
+                        CALIBRATION_RETRY, exc_info=True)
+            self._next_calibration = time.monotonic() + CALIBRATION_RETRY
+            return
+        if engine.precision != "int8":
+            self._next_calibration = time.monotonic() + CALIBRATION_RETRY
+            return
+        model_id, done, total = self._activate(cfg, engine)
+        log.info("int8 model %d is now current; re-embedding %d of %d images in the background, sampling uses "
+                 "model %d until then", model_id, total - done, total, state.model_id)
+        self.on_switch()
 
     def check_coverage(self) -> None:
         """Re-embedding progress; once the current model covers every image, older vectors go."""

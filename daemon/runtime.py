@@ -4,21 +4,37 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
+import json
 import logging
 import multiprocessing
 import os
+import sys
+import tempfile
+import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from poolwatch.pipeline import artifacts
 from poolwatch.pipeline.config import Config
 from poolwatch.pipeline.decode import DecodeSettings, warm_up
+from poolwatch.pipeline.devices import gpu_possible
+from poolwatch.pipeline.engine import CALIBRATION_COUNT, Engine, Mode, ModeChoice, interim_precision
+from poolwatch.pipeline.engine import choose_mode as engine_choose_mode
+from poolwatch.pipeline.errors import ModelError
+from poolwatch.pipeline.modelspec import DEFAULT_INIT_SEED, ModelInfo, ModelSpec, file_sha256, find_weights, random_init_seed
+from poolwatch.pipeline.openvino_engine import OpenVINOEngine
 from poolwatch.pipeline.store import Store
 
 from .decode_pool import DecodePool
 
 if TYPE_CHECKING:
-    from poolwatch.pipeline.embed import Embedder  # torch: imported only where a model is loaded
+    from poolwatch.pipeline.calibration import Calibration
+    from poolwatch.pipeline.embed import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +67,12 @@ def num_workers(config: Config) -> int:
     return n
 
 
-def decode_settings(config: Config, input_size: int | None = None) -> DecodeSettings:
-    """How files are decoded for a model of `input_size` (default: the configured one)."""
+def decode_settings(config: Config, engine: Engine | None = None) -> DecodeSettings:
+    """How files are decoded for `engine` (its input size and decode mode; without one: the configured size,
+    and the configured decode mode, new stores' scaled decoding when that is null)."""
     return DecodeSettings(
-        input_size=config.input_size if input_size is None else input_size,
+        input_size=config.input_size if engine is None else engine.input_size,
+        exact_decode=bool(config.check.exact_decode) if engine is None else engine.exact_decode,
         max_pixels=config.check.max_pixels,
         check_corruptness=config.enable_corruptness_check,
         apply_exif=config.check.apply_exif_orientation,
@@ -98,12 +116,12 @@ def release_free_memory() -> None:
 
 
 def configure_torch_threads() -> None:
-    import torch
-
-    # The model gets every core. Decoding costs ~2 ms a file against the model's ~40 ms (fp32, 64 px), so
-    # the decode workers only borrow cores for moments; holding half of them back for decoding made
-    # `poolwatch ingest` slower than lightly-embed on 2 cores (17 vs 23 img/s side by side).
-    torch.set_num_threads(os.cpu_count() or 1)
+    """Only where torch is in this process already (a GPU machine, the torch fallback, training)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        # The model gets every core. Decoding costs ~2 ms a file against the model's ~40 ms (fp32, 64 px), so
+        # the decode workers only borrow cores for moments.
+        torch.set_num_threads(os.cpu_count() or 1)
 
 
 # lightly CLI keys that poolwatch accepts but that change nothing here (it has no Lightning trainer,
@@ -125,19 +143,18 @@ def log_ineffective_lightly_keys(config: Config) -> None:
             log.info("lightly.%s is accepted for compatibility but has no effect in poolwatch", dotted)
 
 
-def trained_model_path(config: Config) -> Path | None:
+def trained_model_path(config: Config, store: Store | None = None) -> Path | None:
     """The store's current model when training made it for this architecture (it outlives restarts)."""
-    from poolwatch.pipeline.embed import ModelSpec
-    from poolwatch.pipeline.store import Store
-
-    if config.checkpoint or not config.store_path.exists():
+    if config.checkpoint or config.model.onnx or (store is None and not config.store_path.exists()):
         return None
     spec = ModelSpec.from_lightly(config.lightly)
-    with Store.open(config.store_path, float(config.store.busy_timeout)) as store:
+    with contextlib.ExitStack() as stack:
+        if store is None:
+            store = stack.enter_context(Store.open(config.store_path, float(config.store.busy_timeout)))
         current = store.current_model()
     if current is None or current.source != "trained" or not current.path or not Path(current.path).is_file():
         return None
-    arch = {k: v for k, v in current.arch.items() if k != "precision"}
+    arch = {k: v for k, v in current.arch.items() if k in spec.arch()}
     if arch != spec.arch() or current.input_size != spec.input_size:
         log.warning("the trained model %s was made for %s @%dpx; lightly.model/collate now ask for %s @%dpx, "
                     "so it is not used", current.path, current.arch, current.input_size, spec.arch(), spec.input_size)
@@ -145,40 +162,308 @@ def trained_model_path(config: Config) -> Path | None:
     return Path(current.path)
 
 
-def load_embedder(config: Config, trained: Path | None = None) -> Embedder:
-    """The configured model, loaded and ready, with its fallbacks logged loudly.
+def _wants_cuda(config: Config) -> bool:
+    """device=auto is cuda only where a GPU driver exists and torch sees a device: torch is imported only there."""
+    if config.device == "cpu":
+        return False
+    if config.device == "cuda":
+        return True
+    if not gpu_possible():
+        return False
+    import torch
 
-    Random-init weights are seeded by `model.init_seed`, never by the sampling `seed`: null means the
-    store's own random model for this architecture (a store made when `seed` also seeded the weights
-    keeps its model and vectors), else seed 1.
-    """
-    from poolwatch.pipeline.embed import DEFAULT_INIT_SEED, Embedder, ModelSpec, load_model, random_init_seed, resolve_device
-    from poolwatch.pipeline.store import Store
+    return bool(torch.cuda.is_available())
 
-    spec = ModelSpec.from_lightly(config.lightly)
-    weights = os.environ.get(WEIGHTS_ENV)
+
+def _runnable(on_gpu: bool, openvino_ok: bool) -> Callable[[str], bool]:
+    from poolwatch.pipeline.openvino_engine import runnable
+
+    def check(precision: str) -> bool:
+        if on_gpu:
+            return precision in ("fp32", "bf16", "fp16")
+        if openvino_ok:
+            return runnable(precision)
+        return precision in ("fp32", "bf16")
+    return check
+
+
+def choose_mode(config: Config, store: Store | None, on_gpu: bool, openvino_ok: bool) -> ModeChoice:
+    """The store's embedding mode (engine.choose_mode), recorded in the store when it is new or changed."""
+    from poolwatch.pipeline.openvino_engine import cpu_name
+
+    stored = store.setting("embedding") if store is not None else None
+    current = store.current_model() if store is not None else None
+    choice = engine_choose_mode(config.embedding_precision, config.check.exact_decode, stored,
+                                current.arch if current is not None else None, _runnable(on_gpu, openvino_ok), on_gpu,
+                                "a GPU" if on_gpu else cpu_name())
+    if choice.changed and store is not None:
+        store.set_setting("embedding", choice.record)
+        log.info("embedding mode of this store: %s, %s decode (%s)", choice.precision,
+                 "exact" if choice.exact_decode else "scaled", choice.record.get("decided", ""))
+    return choice
+
+
+def _init_seed(config: Config, spec: ModelSpec, store: Store | None) -> int:
     init_seed = config.model.init_seed
     if init_seed is None:
-        stored = None
-        if not config.checkpoint and config.store_path.exists():
-            with Store.open(config.store_path, float(config.store.busy_timeout)) as store:
-                stored = random_init_seed(store.models(), spec)
+        stored = random_init_seed(store.models(), spec) if store is not None and not config.checkpoint else None
         init_seed = DEFAULT_INIT_SEED if stored is None else stored
-    model = load_model(
-        spec,
-        models_dir=config.shared_path / "models",
-        checkpoint=config.resolve_shared(config.checkpoint) if config.checkpoint else None,
-        trained=trained if trained is not None else trained_model_path(config),
-        weights_file=Path(weights).expanduser() if weights else None,
-        pretrained=bool(config.lightly_get("pre_trained")),
-        seed=init_seed,
-    )
+    return init_seed
+
+
+def _openvino_loads() -> bool:
+    from poolwatch.pipeline.openvino_engine import cpu_capabilities
+
+    return bool(cpu_capabilities())
+
+
+def load_engine(config: Config, trained: Path | None = None,
+                calibrate: Callable[[DecodeSettings], Calibration | None] | None = None, store: Store | None = None) -> Engine:
+    """The configured model, ready to embed, with its fallbacks logged loudly.
+
+    On the CPU: OpenVINO running the model's cached artifact (built in a child process on first use, so
+    torch is imported only there); torch on the CPU only when OpenVINO cannot load or model.runtime=torch.
+    On a GPU: torch. The precision and decode mode are the store's (`choose_mode`); an int8 store without
+    a calibration yet (too few images) runs the best mode that needs none until it has one; `calibrate`
+    (a pass that knows its files) may supply one from the images it is about to embed.
+    """
+    with contextlib.ExitStack() as stack:
+        if store is None and config.store_path.exists():
+            store = stack.enter_context(Store.open(config.store_path, float(config.store.busy_timeout)))
+        on_gpu = _wants_cuda(config)
+        openvino_ok = config.model.runtime == "auto" and not on_gpu and _openvino_loads()
+        if config.model.runtime == "auto" and not on_gpu and not openvino_ok:
+            log.warning("OpenVINO cannot load on this machine: the model runs on torch on the CPU (slower, and "
+                        "the daemon carries torch); reinstall with `pip install openvino`")
+        choice = choose_mode(config, store, on_gpu, openvino_ok)
+        precision, calib = choice.precision, None
+        if precision == "int8":
+            settings = replace(decode_settings(config), exact_decode=choice.exact_decode)
+            calib = _calibration(store, settings, calibrate)
+            if calib is None:
+                precision = interim_precision(_runnable(on_gpu, openvino_ok))
+                log.info("int8 needs %d ok images to calibrate on; embedding in %s until the store has them",
+                         CALIBRATION_COUNT, precision)
+        if config.model.onnx:
+            return _onnx_engine(config, Mode(precision, choice.exact_decode), calib)
+        spec, args = _lightly_args(config, store, trained)
+    if not openvino_ok:
+        return _torch_engine(config, spec, args, Mode(precision, choice.exact_decode), on_gpu)
+    models_dir = config.shared_path / "models"
+    ref = find_weights(spec, models_dir=models_dir, **args)
+    paths = {k: str(v) if isinstance(v, Path) else v for k, v in args.items()}
+
+    def request(ir: str) -> dict[str, Any]:
+        key = artifacts.request_key(artifacts.lightly_request(spec, ref, ir))
+        return {"kind": "lightly", "key": key, "models_dir": str(models_dir), "ir": ir, "spec": asdict(spec), **paths}
+
+    (path, meta), calibration_hash = _artifact(models_dir, request, calib, None)
+    engine = OpenVINOEngine(path, ModelInfo.from_json(meta["info"]), Mode(precision, choice.exact_decode, calibration_hash))
+    _log_model(engine)
+    return engine
+
+
+@dataclass
+class _CalibrationRef:
+    """An int8 calibration: its hash (enough to find a cached artifact) and how to get its images again."""
+
+    hash: str
+    load: Callable[[], Calibration]
+
+
+def _artifact(models_dir: Path, request: Callable[[str], dict[str, Any]], calib: _CalibrationRef | None,
+              build_here: Callable[[dict[str, Any]], None] | None) -> tuple[tuple[Path, dict[str, Any]], str | None]:
+    """The cached artifact `request(ir)` names, built when missing (in the child, or by `build_here` for what
+    needs no torch); returns it and the calibration hash it was made with (None: not int8)."""
+    def tag(h: str | None) -> str:
+        return "f32" if h is None else f"int8.{h[:12]}"
+
+    wanted = calib.hash if calib is not None else None
+    found = artifacts.lookup(models_dir, request(tag(wanted))["key"])
+    if found is not None:
+        return found, wanted
+    pixels = calib.load() if calib is not None else None
+    if pixels is not None and pixels.hash != wanted:  # some of its images are gone: a new calibration
+        wanted = pixels.hash
+        found = artifacts.lookup(models_dir, request(tag(wanted))["key"])
+        if found is not None:
+            return found, wanted
+    req = request(tag(wanted))
+    if pixels is None and build_here is not None:
+        build_here(req)
+    else:
+        _build(req, pixels)
+    found = artifacts.lookup(models_dir, req["key"])
+    if found is None:
+        raise ModelError(f"the model's artifact could not be written under {models_dir}")
+    return found, wanted
+
+
+def _lightly_args(config: Config, store: Store | None, trained: Path | None) -> tuple[ModelSpec, dict[str, Any]]:
+    """lightly's architecture and where its weights come from (modelspec.find_weights' arguments)."""
+    spec = ModelSpec.from_lightly(config.lightly)
+    weights = os.environ.get(WEIGHTS_ENV)
+    return spec, {
+        "checkpoint": config.resolve_shared(config.checkpoint) if config.checkpoint else None,
+        "trained": trained if trained is not None else trained_model_path(config, store),
+        "weights_file": Path(weights).expanduser() if weights else None,
+        "pretrained": bool(config.lightly_get("pre_trained")),
+        "seed": _init_seed(config, spec, store),
+    }
+
+
+def load_torch_model(config: Config) -> LoadedModel:
+    """The configured lightly model as a torch module, for training (torch in this process)."""
+    from poolwatch.pipeline.embed import load_model
+
+    with contextlib.ExitStack() as stack:
+        store = None
+        if config.store_path.exists():
+            store = stack.enter_context(Store.open(config.store_path, float(config.store.busy_timeout)))
+        spec, args = _lightly_args(config, store, None)
+    model = load_model(spec, models_dir=config.shared_path / "models", **args)
     for note in model.notes:
         log.warning("%s", note)
-    device = resolve_device(config.device)
-    log.info("model %s (%s: %s) on %s, input %dpx, %d-d embeddings, weights %s",
-             spec.slug, model.source, model.detail, device, spec.input_size, spec.num_ftrs, model.weights_hash[:12])
-    return Embedder(model, device, config.embedding_precision)
+    configure_torch_threads()
+    return model
+
+
+def training_device(config: Config) -> str:
+    return "cuda" if _wants_cuda(config) else "cpu"
+
+
+def _build(request: dict[str, Any], calib: Calibration | None) -> dict[str, Any]:
+    from .model_child import build_in_child
+
+    if calib is None:
+        return build_in_child(request)
+    with tempfile.TemporaryDirectory(prefix="poolwatch-calib-") as tmp:
+        pixels = Path(tmp) / "calibration.npy"
+        np.save(pixels, calib.pixels)
+        request["calibration"] = {"pixels": str(pixels), "hash": calib.hash, "images": calib.hashes}
+        return build_in_child(request)
+
+
+def _calibration(store: Store | None, settings: DecodeSettings,
+                 calibrate: Callable[[DecodeSettings], Calibration | None] | None) -> _CalibrationRef | None:
+    """The store's int8 calibration. Once made it is recorded (the images' content hashes), and every later
+    start uses that record: a cached artifact is found by its hash alone, and a missing one is rebuilt from the
+    same images, so vectors never change across restarts. A store without one makes it from its first ok
+    images by content hash once it holds enough, or from what `calibrate` supplies (a pass's first images).
+    None: too few images yet."""
+    from poolwatch.pipeline import calibration
+
+    recorded = store.setting("calibration") if store is not None else None
+    if store is not None and recorded and recorded.get("images"):
+        images, kept = list(recorded["images"]), store
+
+        def again() -> Calibration:
+            calib = calibration.from_hashes(kept, settings, images)
+            if len(calib) < len(images):
+                log.warning("int8: %d of the %d images it was calibrated on are gone; calibrating again (a new model)",
+                            len(images) - len(calib), len(images))
+                calib = calibration.from_store(kept, settings, CALIBRATION_COUNT)
+                kept.set_setting("calibration", {"hash": calib.hash, "images": calib.hashes})
+            return calib
+        return _CalibrationRef(str(recorded["hash"]), again)
+    if store is None or store.count_ok() < CALIBRATION_COUNT:
+        given = calibrate(settings) if calibrate is not None else None
+    else:
+        given = calibration.from_store(store, settings, CALIBRATION_COUNT)
+    if given is None or len(given) < CALIBRATION_COUNT:
+        return None
+    if store is not None:
+        store.set_setting("calibration", {"hash": given.hash, "images": given.hashes})
+    made = given
+    return _CalibrationRef(made.hash, lambda: made)
+
+
+def _onnx_engine(config: Config, mode: Mode, calib: _CalibrationRef | None) -> Engine:
+    """model.onnx=: the user's own ONNX embedder on OpenVINO; its identity is the file's hash plus preprocessing."""
+    from poolwatch.pipeline.openvino_engine import read_onnx, with_uint8_input
+
+    path = config.resolve_shared(config.model.onnx)
+    if not path.is_file():
+        raise ModelError(f"model.onnx: file {str(path)!r} does not exist")
+    m = config.model
+    mean, std = [float(x) for x in m.mean], [float(x) for x in m.std]
+    preprocess: dict[str, Any] = {"input_size": m.input_size, "mean": mean, "std": std, "output": m.output}
+    digest = file_sha256(path)
+    weights_hash = "onnx:" + hashlib.sha256(json.dumps({"file": digest, **preprocess}, sort_keys=True).encode()).hexdigest()
+    models_dir = config.shared_path / "models"
+
+    def request(ir: str) -> dict[str, Any]:
+        key = artifacts.request_key(artifacts.onnx_request(digest, m.input_size, mean, std, m.output, ir))
+        return {"kind": "onnx", "key": key, "models_dir": str(models_dir), "ir": ir, "path": str(path), **preprocess}
+
+    def info() -> ModelInfo:
+        model = with_uint8_input(read_onnx(path, m.output), m.input_size, mean, std)
+        return ModelInfo(f"onnx:{path.name}", "onnx", str(path), weights_hash, {"onnx": path.name, **preprocess},
+                         _onnx_dim(model, m.input_size, path), m.input_size, str(path))
+
+    def build_here(req: dict[str, Any]) -> None:
+        import openvino as ov
+
+        model = with_uint8_input(read_onnx(path, m.output), m.input_size, mean, std)
+        details = info()
+        artifact = artifacts.publish(models_dir, artifacts.artifact_name(details, req["ir"]),
+                                     lambda d: ov.save_model(model, str(d / "model.xml"), compress_to_fp16=False),
+                                     {"info": details.to_json(), "ir": req["ir"], "created": time.time()})
+        artifacts.remember(models_dir, req["key"], artifact)
+
+    def request_with_info(ir: str) -> dict[str, Any]:
+        req = request(ir)
+        if ir != "f32" and artifacts.lookup(models_dir, req["key"]) is None:
+            req["info"] = info().to_json()  # the child quantizes it
+        return req
+
+    (artifact, meta), calibration_hash = _artifact(models_dir, request_with_info, calib, build_here)
+    engine = OpenVINOEngine(artifact, ModelInfo.from_json(meta["info"]), replace(mode, calibration=calibration_hash))
+    _log_model(engine)
+    return engine
+
+
+def _onnx_dim(model: Any, input_size: int, path: Path) -> int:
+    from poolwatch.pipeline.openvino_engine import _core
+
+    try:
+        out = _core().compile_model(model, "CPU").create_infer_request().infer(
+            {0: np.zeros((1, input_size, input_size, 3), dtype=np.uint8)})[0]
+    except Exception as exc:  # noqa: BLE001 - the model does not run on its declared input
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"model.onnx: {str(path)!r} does not run on a 1x3x{input_size}x{input_size} input "
+                         f"(model.input_size): {first[:200]}") from None
+    if out.ndim < 2 or out.shape[0] != 1 or int(np.prod(out.shape[1:])) < 1:
+        raise ModelError(f"model.onnx: {str(path)!r} gives an output of shape {tuple(out.shape)}; an embedding is N×D")
+    return int(np.prod(out.shape[1:]))
+
+
+def _torch_engine(config: Config, spec: ModelSpec, args: dict[str, Any], mode: Mode, on_gpu: bool) -> Engine:
+    from poolwatch.pipeline.embed import Embedder, load_model, resolve_device
+
+    if mode.precision == "int8":
+        raise ModelError("embedding_precision: int8 runs on OpenVINO (CPU); this model runs on torch (model.runtime)")
+    model = load_model(spec, models_dir=config.shared_path / "models", **args)
+    device = resolve_device("cuda" if on_gpu else "cpu")
+    configure_torch_threads()
+    engine = Embedder(model, device, mode.precision, mode.exact_decode)
+    _log_model(engine)
+    return engine
+
+
+def _log_model(engine: Engine) -> None:
+    info = engine.info
+    for note in info.notes:
+        log.warning("%s", note)
+    log.info("model %s (%s: %s) on %s with %s %s, %s decode, input %dpx, %d-d embeddings, weights %s", info.name,
+             info.source, info.detail, engine.device, engine.runtime, engine.precision,
+             "exact" if engine.exact_decode else "scaled", info.input_size, info.dim, info.weights_hash[:12])
+
+
+def awaits_calibration(store: Store, engine: Engine) -> bool:
+    """Whether the store's mode is int8 and `engine` is the interim mode run until it can be calibrated."""
+    recorded = store.setting("embedding") or {}
+    return bool(recorded.get("precision") == "int8" and engine.precision != "int8" and engine.runtime == "openvino")
 
 
 def recover_runs(store: Store, shared: Path) -> None:

@@ -88,7 +88,7 @@ class Worker(ThreadComponent):
                 following = None
                 if refs:
                     executor = self.decoders.executor if self.decoders is not None else None
-                    following = _Batch(model, start_decoding(refs, decode_settings(cfg, model.input_size), executor))
+                    following = _Batch(model, start_decoding(refs, decode_settings(cfg, model.embedder), executor))
                 if pending is not None:
                     self._finish(store, pending, cfg)
                 pending = following

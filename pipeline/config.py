@@ -102,6 +102,10 @@ class CheckSettings(_Section):
     max_pixels: StrictInt = Field(178_956_970, gt=0)
     apply_exif_orientation: StrictBool = True
     decode_timeout: Number = Field(30, ge=0)
+    # null: the store's recorded decode mode (a store made before scaled decoding: exact), new stores false.
+    # true: lightly-embed's full decode + resize (its pixels exactly); false: JPEGs decoded DCT-scaled to the
+    # smallest size >= the model input. The decode mode is part of the model's identity.
+    exact_decode: StrictBool | None = None
 
 
 class WatchSettings(_Section):
@@ -163,6 +167,30 @@ class ModelSettings(_Section):
     # None: the store's own random-init model (its seed read from the store), else 1. See
     # daemon/runtime.load_embedder and pipeline/embed.random_init_seed.
     init_seed: StrictInt | None = None
+    # auto: OpenVINO on the CPU (torch when it cannot load), torch on a GPU; torch: always torch.
+    runtime: Literal["auto", "torch"] = "auto"
+    # Your own ONNX image-embedding model (relative to shared_dir unless absolute) instead of lightly's resnet:
+    # NCHW float input of input_size x input_size, normalised as (x/255 - mean) / std; `output` names the
+    # embedding output ("" = the model's first output).
+    onnx: str = ""
+    input_size: StrictInt = Field(224, gt=0)
+    mean: list[Number] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[Number] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
+    output: str = ""
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _three(cls, v: list[float]) -> list[float]:
+        if len(v) != 3:
+            raise ValueError("allowed: a list of three numbers, one per RGB channel")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(x <= 0 for x in v):
+            raise ValueError("allowed: three numbers > 0")
+        return v
 
     @field_validator("init_seed", mode="before")
     @classmethod
@@ -194,7 +222,7 @@ class Config(_Section):
     shared_dir: str = "./data/shared"
     seed: StrictInt = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    embedding_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    embedding_precision: Literal["auto", "fp32", "bf16", "int8", "fp16"] = "auto"
     graceful_timeout: Number = Field(30, gt=0)
     model: ModelSettings = Field(default_factory=ModelSettings)
     check: CheckSettings = Field(default_factory=CheckSettings)
@@ -283,7 +311,8 @@ class Config(_Section):
 
     @property
     def input_size(self) -> int:
-        return int(self.lightly_get("collate.input_size"))
+        """The model's input side: model.input_size for your own ONNX model, else lightly.collate.input_size."""
+        return self.model.input_size if self.model.onnx else int(self.lightly_get("collate.input_size"))
 
     def resolved(self, mask: bool = True) -> dict[str, Any]:
         """The full configuration as plain data; the token is masked unless asked otherwise."""

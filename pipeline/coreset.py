@@ -34,8 +34,6 @@ for up to 16 predicted centres (at most 2*N*d bytes) and ~40 bytes per candidate
 from __future__ import annotations
 
 import math
-import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,6 +43,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from .devices import gpu_possible
 from .errors import UsageError
 
 __all__ = ["SamplingError", "Selection", "kcenter", "random_sample", "resolve_n_samples"]
@@ -81,9 +80,6 @@ _AUTO_MIN_DIM = 32
 _AUTO_MIN_PICKS = 1024
 # device="auto" asks torch for a GPU only when torch is loaded or one of these exists: NVIDIA's driver
 # (host or container), ROCm's kernel driver (torch's HIP builds), WSL2's GPU device.
-_GPU_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
-
-
 class SamplingError(UsageError):
     """An argument to a sampling function is invalid."""
 
@@ -919,20 +915,11 @@ def _check_device(device: Any) -> None:
         raise SamplingError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {device!r}")
 
 
-def _gpu_possible() -> bool:
-    """Whether device="auto" has to ask torch for a GPU.
-
-    Only when torch is loaded already (asking costs nothing then) or a GPU driver is installed: importing
-    torch takes seconds and hundreds of MB, and a machine without a driver node has no GPU torch could use.
-    """
-    return "torch" in sys.modules or any(os.path.exists(path) for path in _GPU_DRIVER_FILES)
-
-
 def _select_backend(device: str) -> _Backend:
     # numpy, not torch, on the CPU. The per-pick loop (gemv, norm trick, running min, argmax) measured on a
     # 2-core x86 box, numpy 2.4 / OpenBLAS vs torch 2.14, N=200k, d=32, k=1000 picks: float64 numpy 1.46 s,
     # torch 1.98 s (float32: numpy 0.72 s, torch 1.54 s).
-    if device == "cpu" or (device == "auto" and not _gpu_possible()):
+    if device == "cpu" or (device == "auto" and not gpu_possible()):
         return _Backend(np)
     import torch  # lazily: only CUDA, and "auto" where a GPU could be found, need it
 

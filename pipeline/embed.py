@@ -27,7 +27,6 @@ import io
 import re
 import urllib.request
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,41 +36,17 @@ import torch
 from torch import nn
 
 from .atomic import replacing
+from .engine import Mode
 from .errors import ModelError
+from .modelspec import DEFAULT_INIT_SEED, IMAGENET_MEAN, IMAGENET_STD, ModelInfo, ModelSpec, random_init_seed, random_weights_path
+
+__all__ = ["DEFAULT_INIT_SEED", "IMAGENET_MEAN", "IMAGENET_STD", "Embedder", "LoadedModel", "ModelSpec", "load_model",
+           "random_init_seed"]
 
 if TYPE_CHECKING:
-    from .store import ModelRecord
+    pass
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DOWNLOAD_TIMEOUT_S = 10.0
-DEFAULT_INIT_SEED = 1
-_RANDOM_DETAIL_RE = re.compile(r"^seed (\d+)$")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str = "resnet-18"
-    width: float = 1.0
-    num_ftrs: int = 32
-    out_dim: int = 128
-    input_size: int = 64
-
-    @classmethod
-    def from_lightly(cls, lightly: dict[str, Any]) -> ModelSpec:
-        m = lightly["model"]
-        return cls(m["name"], float(m["width"]), int(m["num_ftrs"]), int(m["out_dim"]), int(lightly["collate"]["input_size"]))
-
-    @property
-    def zoo_key(self) -> str:
-        return f"{self.name}/simclr/d{self.num_ftrs}/w{float(self.width)}"
-
-    @property
-    def slug(self) -> str:
-        return f"{self.name}-w{self.width:g}-d{self.num_ftrs}"
-
-    def arch(self) -> dict[str, Any]:
-        return {"name": self.name, "width": self.width, "num_ftrs": self.num_ftrs, "out_dim": self.out_dim}
 
 
 @dataclass
@@ -85,6 +60,11 @@ class LoadedModel:
     weights_hash: str
     path: str | None = None
     notes: list[str] = field(default_factory=list)  # things the caller should log (fallbacks)
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.spec.slug, self.source, self.detail, self.weights_hash, self.spec.arch(), self.spec.num_ftrs,
+                         self.spec.input_size, self.path, list(self.notes))
 
 
 def build_module(spec: ModelSpec) -> nn.Module:
@@ -239,7 +219,7 @@ def load_model(spec: ModelSpec, *, models_dir: Path, checkpoint: Path | None = N
     elif pretrained:
         notes.append(f"lightly has no pretrained weights for {spec.zoo_key}")
 
-    path = models_dir / f"random-{spec.slug}-seed{seed}.pt"
+    path = random_weights_path(models_dir, spec, seed)
     if path.is_file():
         load_state(module, _torch_load(path), spec, str(path))
     else:
@@ -258,28 +238,6 @@ def load_model(spec: ModelSpec, *, models_dir: Path, checkpoint: Path | None = N
         "or set enable_training=true"
     )
     return _finish(module, spec, "random", f"seed {seed}", path, notes)
-
-
-def random_init_seed(models: Iterable[ModelRecord], spec: ModelSpec) -> int | None:
-    """The seed of the store's own random-init model for this architecture, or None when it has none.
-
-    `models` are the store's model rows. Candidates are the `random` rows whose detail is "seed N" and
-    whose architecture is `spec`'s (the precision aside: it does not change the weights); the current
-    one wins, then one at `spec`'s input size, then the newest. The weights file need not exist: the
-    seed rebuilds the same weights. This is how `model.init_seed: null` keeps the model of a store
-    made when the sampling `seed` also seeded the weights.
-    """
-    best: tuple[tuple[bool, bool, int], int] | None = None
-    for record in models:
-        match = _RANDOM_DETAIL_RE.match(record.detail or "")
-        if record.source != "random" or match is None:
-            continue
-        if {k: v for k, v in record.arch.items() if k != "precision"} != spec.arch():
-            continue
-        rank = (record.is_current, record.input_size == spec.input_size, record.id)
-        if best is None or rank > best[0]:
-            best = (rank, int(match.group(1)))
-    return None if best is None else best[1]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -322,30 +280,40 @@ class Embedder:
     of the model's identity in the store (`identity`) and vectors of two precisions never mix.
     """
 
-    def __init__(self, model: LoadedModel, device: torch.device | str = "cpu", precision: str = "fp32") -> None:
+    runtime = "torch"
+
+    def __init__(self, model: LoadedModel, device: torch.device | str = "cpu", precision: str = "fp32",
+                 exact_decode: bool = True) -> None:
         if precision not in PRECISIONS:
-            raise ModelError(f"embedding_precision: invalid value {precision!r}; allowed: {', '.join(PRECISIONS)}")
+            raise ModelError(f"embedding_precision: {precision!r} needs OpenVINO; torch runs {', '.join(PRECISIONS)}")
         self.model = model
-        self.device = torch.device(device)
-        if precision == "fp16" and self.device.type != "cuda":
+        self.info = model.info
+        self.exact_decode = exact_decode
+        self.torch_device = torch.device(device)
+        self.device = self.torch_device.type
+        if precision == "fp16" and self.device != "cuda":
             raise ModelError("embedding_precision: invalid value 'fp16'; fp16 needs a CUDA device (use bf16 or fp32)")
         self.precision = precision
         backbone = model.module.backbone
         assert isinstance(backbone, nn.Module)
-        self.backbone: nn.Module = backbone.to(self.device).eval()
+        self.backbone: nn.Module = backbone.to(self.torch_device).eval()
         self._cpu: torch.nn.Module | None = None
         self._cpu_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        if self.device.type == "cpu":
+        if self.device == "cpu":
             self._cpu = _cpu_backbone(self.backbone, self._cpu_dtype)
-        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.torch_device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=self.torch_device).view(1, 3, 1, 1)
         self.forward_passes = 0
         self.images_embedded = 0
 
     @property
+    def mode(self) -> Mode:
+        return Mode(self.precision, self.exact_decode)
+
+    @property
     def identity(self) -> str:
-        """What makes vectors comparable: the weights and, unless fp32, the precision."""
-        return self.model.weights_hash if self.precision == "fp32" else f"{self.model.weights_hash}+{self.precision}"
+        """What makes vectors comparable: the weights, the precision and the decode mode (engine.Mode)."""
+        return self.mode.identity(self.model.weights_hash)
 
     @property
     def dim(self) -> int:
@@ -360,7 +328,7 @@ class Embedder:
         if len(pixels) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
+            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.torch_device)
             x = x.permute(0, 3, 1, 2).float().div(255)
             x = (x - self.mean) / self.std
             if self._cpu is not None:
@@ -369,7 +337,7 @@ class Embedder:
                 out = self.backbone(x)
             else:
                 dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-                with torch.autocast(self.device.type, dtype=dtype):
+                with torch.autocast(self.device, dtype=dtype):
                     out = self.backbone(x)
             out = out.flatten(start_dim=1)
             self.forward_passes += 1

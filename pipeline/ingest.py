@@ -24,7 +24,7 @@ from .discover import InputDirError, discover, plan
 from .store import ImageRecord, Store, vector_hash
 
 if TYPE_CHECKING:
-    from .embed import Embedder
+    from .engine import Engine
 
 MAX_EMBED_ATTEMPTS = 3  # the model failing on one image this often makes it `corrupt` (reason embed_error)
 
@@ -82,7 +82,7 @@ def decode_batches(refs: Sequence[FileRef], settings: DecodeSettings, batch_size
         yield in_flight.collect()
 
 
-def commit_batch(store: Store, embedder: Embedder, model_id: int, decoded: Sequence[Decoded],
+def commit_batch(store: Store, embedder: Engine, model_id: int, decoded: Sequence[Decoded],
                  remove_duplicates: bool = True, clock: Callable[[], float] = time.perf_counter) -> BatchResult:
     """Embed the batch's good images (skipping content duplicates) and record all of it in ONE transaction."""
     result = BatchResult(files=len(decoded))
@@ -173,7 +173,7 @@ def commit_batch(store: Store, embedder: Embedder, model_id: int, decoded: Seque
     return result
 
 
-def embed_resilient(embedder: Embedder, pixels: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+def embed_resilient(embedder: Engine, pixels: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
     """Embed a batch; if the model fails (out of memory, a bad input), retry in halves down to single
     images. Returns (vectors by key, error text by key for the images that failed alone)."""
     vectors: dict[int, np.ndarray] = {}
@@ -229,19 +229,34 @@ class PassSummary:
         return self.compute_seconds / self.seconds if self.seconds > 0 else 0.0
 
 
-def activate_model(store: Store, embedder: Embedder) -> int:
-    """Register the embedder's model in the store, make it current, return its id."""
-    m = embedder.model
-    model_id = store.register_model(weights_hash=embedder.identity, input_size=m.spec.input_size, source=m.source,
-                                    detail=m.detail, arch={**m.spec.arch(), "precision": embedder.precision},
-                                    dim=m.spec.num_ftrs, path=m.path)
+def planned_work(store: Store, roots: Sequence[Path], ignore_patterns: Sequence[str] = (),
+                 model_id: int | None = None) -> list[FileRef]:
+    """The files a pass over `roots` would read (the same rule as `ingest_pass`), without changing anything."""
+    todo: list[FileRef] = []
+    for root in roots:
+        try:
+            found = list(discover(root, ignore_patterns))
+        except InputDirError:
+            continue
+        work, _gone, back = plan(store, root, found, -1 if model_id is None else model_id)
+        todo.extend(work)
+        todo.extend(back)
+    return todo
+
+
+def activate_model(store: Store, embedder: Engine) -> int:
+    """Register the engine's model (weights and mode: see engine.Mode) in the store, make it current, return its id."""
+    m = embedder.info
+    arch = {**m.arch, "precision": embedder.precision, "decode": "exact" if embedder.exact_decode else "scaled"}
+    model_id = store.register_model(weights_hash=embedder.identity, input_size=m.input_size, source=m.source,
+                                    detail=m.detail, arch=arch, dim=m.dim, path=m.path)
     current = store.current_model()
     if current is None or current.id != model_id:
         store.set_current_model(model_id)
     return model_id
 
 
-def ingest_pass(store: Store, embedder: Embedder, model_id: int, roots: Sequence[Path], settings: DecodeSettings,
+def ingest_pass(store: Store, embedder: Engine, model_id: int, roots: Sequence[Path], settings: DecodeSettings,
                 batch_size: int, *, executor: Executor | None = None, remove_duplicates: bool = True,
                 ignore_patterns: Sequence[str] = (), on_plan: Callable[[int], None] | None = None,
                 on_batch: Callable[[BatchResult], None] | None = None,

@@ -114,6 +114,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE images ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
     """,
+    # 3: choices made once per store (the embedding mode `auto` picked, the decode mode), as JSON values
+    """
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
 )
 
 
@@ -379,6 +383,29 @@ class Store:
     def corrupt_by_reason(self) -> dict[str, int]:
         rows = self.conn.execute("SELECT reason, COUNT(*) FROM images WHERE status='corrupt' GROUP BY reason ORDER BY reason")
         return {r: n for r, n in rows}
+
+    # ---- settings (choices made once per store) ----------------------------------------------
+    def setting(self, key: str) -> Any:
+        row = self.conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set_setting(self, key: str, value: Any) -> None:
+        with self.transaction():
+            self.conn.execute("INSERT INTO settings (key, value) VALUES (?, ?)"
+                              " ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, json.dumps(value, sort_keys=True)))
+
+    def ok_images_by_hash(self, limit: int) -> list[tuple[str, str, str]]:
+        """(root, relpath, hash) of the first `limit` ok images in content-hash order: a choice of images that
+        does not depend on the order they arrived in (int8 calibration)."""
+        rows = self.conn.execute(
+            "SELECT root, relpath, hash FROM images WHERE status = 'ok' AND hash IS NOT NULL AND root NOT LIKE 'embeddings:%'"
+            " ORDER BY hash, id LIMIT ?", (limit,),
+        )
+        return [(str(r[0]), _dec(r[1]), str(r[2])) for r in rows]
+
+    def count_ok(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM images WHERE status = 'ok' AND root NOT LIKE 'embeddings:%'")
+                   .fetchone()[0])
 
     # ---- models ---------------------------------------------------------------------------
     def register_model(self, *, weights_hash: str, input_size: int, source: str, detail: str | None,

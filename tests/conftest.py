@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openvino  # noqa: F401 - its import starts a telemetry thread pool once; before any test, so it is no leak
 import pytest
 from PIL import Image
 

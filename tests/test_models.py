@@ -151,7 +151,9 @@ def test_lightly_trained_checkpoint_embeds_like_lightly_embed(images: Path, ligh
     assert len(theirs) == N_IMAGES
 
     shared = tmp_path / "shared"
-    proc = ingest(images, shared, f"checkpoint={lightly_checkpoint.resolve()}")
+    # lightly-embed's vectors: fp32 with its full decode + resize (the defaults trade exactness for speed)
+    proc = ingest(images, shared, f"checkpoint={lightly_checkpoint.resolve()}", "embedding_precision=fp32",
+                  "check.exact_decode=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["ok"] == N_IMAGES
     ours, model = store_vectors(shared)

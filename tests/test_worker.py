@@ -93,7 +93,7 @@ def parts(tmp_path: Path) -> Iterator[Parts]:
     flaky: list[FlakyModel] = []
 
     def loader(cfg: Config) -> Any:
-        flaky.append(FlakyModel(runtime.load_embedder(cfg)))
+        flaky.append(FlakyModel(runtime.load_engine(cfg)))
         return flaky[-1]
 
     def settings() -> Config:

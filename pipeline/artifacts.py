@@ -1,0 +1,95 @@
+"""The artifact cache under `<shared_dir>/models/artifacts/`: a model exported once (OpenVINO IR with its
+preprocessing, or its int8 quantization), reused on every start without torch.
+
+    artifacts/<name>/{model.xml, model.bin, meta.json}   one per weights hash and IR kind (f32 | int8.<calib>)
+    artifacts/requests/<key>.json                        {"artifact": <name>}: what a configuration resolved to
+
+An artifact directory is built beside its final name and renamed into place, so one that exists is
+complete; two builders racing both succeed and one result is kept. A request key hashes what the
+configuration asks for before anything is loaded (`modelspec.WeightsRef.key`, the architecture, the IR
+kind), so a start finds its artifact by hashing the weights file alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .atomic import replacing
+from .modelspec import ModelInfo, ModelSpec, WeightsRef
+
+FORMAT = 1  # bump when the artifacts' layout or their preprocessing changes
+
+
+def lightly_request(spec: ModelSpec, ref: WeightsRef, ir: str) -> dict[str, Any]:
+    """What identifies a lightly model's artifact before it is loaded (its cache key's input); `ir` is
+    f32 or int8.<calibration hash>."""
+    return {"kind": "lightly", "arch": spec.arch(), "input_size": spec.input_size, "weights": ref.key(), "ir": ir}
+
+
+def onnx_request(file_hash: str, input_size: int, mean: list[float], std: list[float], output: str, ir: str) -> dict[str, Any]:
+    return {"kind": "onnx", "file": file_hash, "input_size": input_size, "mean": mean, "std": std, "output": output, "ir": ir}
+
+
+def request_key(request: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps({"format": FORMAT, **request}, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def artifact_name(info: ModelInfo, ir: str) -> str:
+    return f"{info.name.replace('/', '_').replace(':', '_')}-{info.weights_hash[:16]}-{ir}"
+
+
+def lookup(models_dir: Path, key: str) -> tuple[Path, dict[str, Any]] | None:
+    """The artifact a request resolved to and its meta, or None (never built, or removed since)."""
+    try:
+        name = json.loads((models_dir / "artifacts" / "requests" / f"{key}.json").read_text())["artifact"]
+        path = models_dir / "artifacts" / name
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not ((path / "model.xml").is_file() and (path / "model.bin").is_file()):
+        return None
+    return path, meta
+
+
+def remember(models_dir: Path, key: str, artifact: Path) -> None:
+    with replacing(models_dir / "artifacts" / "requests" / f"{key}.json", "w") as fh:
+        json.dump({"artifact": artifact.name}, fh)
+
+
+def publish(models_dir: Path, name: str, save: Any, meta: dict[str, Any]) -> Path:
+    """Build an artifact with `save(dir)` (it writes model.xml and model.bin) and rename it into place."""
+    root = models_dir / "artifacts"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    if (final / "meta.json").is_file():
+        return final
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        save(tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "meta.json").is_file():
+                raise
+            # another builder published the same artifact first: keep theirs
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return final
