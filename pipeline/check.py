@@ -1,12 +1,15 @@
 """Reading an image's bytes into a corruptness verdict.
 
 `inspect_image` is the one entry point the worker needs: it takes a file's bytes (read once by the caller)
-and returns a `Verdict` plus, when the image is usable, the decoded first frame as an upright RGB image.
+and returns a `Verdict` plus, when the image is usable, the decoded first frame as an upright RGB image
+(for a JPEG, optionally decoded DCT-scaled to a size just above the model's input).
 
 Pillow alone accepts some damaged files silently.  The notable case is a JPEG cut short and then given an
 end-of-image marker: libjpeg only *warns* ("Corrupt JPEG data: premature end of data segment"), fills the
-missing blocks with grey, and Pillow discards the warning.  This module therefore drives Pillow's JPEG
-decoder itself (see `_decode_jpeg_strict`) so that a scan that runs out of data is observable.
+missing blocks with grey, and Pillow discards the warning.  JPEGs are therefore decoded by libjpeg-turbo
+through simplejpeg with warnings as errors (`_decode_jpeg`); the files it refuses or warns about get the
+verdict of a decode that drives Pillow's JPEG decoder itself (`_decode_jpeg_strict`), which makes a scan
+that runs out of data observable too.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+import simplejpeg  # type: ignore[import-untyped]
 from PIL import ExifTags, Image, ImageFile, ImageOps
 
 if TYPE_CHECKING:
@@ -107,11 +111,16 @@ def inspect_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     check_corruptness: bool = True,
     apply_exif: bool = True,
+    scale_to: int | None = None,
 ) -> tuple[Verdict, Image.Image | None]:
     """Decode `data` (the whole file named `filename`) and judge whether it is a usable image.
 
     Returns the verdict and, when it is ok, the fully decoded first frame (of an animated or multi-page
     file) converted to RGB, turned upright by its EXIF orientation when `apply_exif`.  Never raises.
+
+    With `scale_to`, a JPEG is decoded DCT-scaled: at the smallest scale libjpeg-turbo offers (n/8) whose
+    result is at least `scale_to` pixels on both axes (or the image's own size, where that is smaller), which
+    skips most of the inverse DCT and colour conversion of a large photo.  Other formats are decoded in full.
 
     One reason is reported, the first that applies in this order: `empty`; `not_an_image` (no format
     recognises the bytes); `too_large` (width*height > max_pixels, decided from the header, so nothing is
@@ -120,8 +129,9 @@ def inspect_image(
     unusable whatever its name, and "truncated" says more about it than "has the wrong extension".
     Extensions outside `_EXTENSION_FORMATS` (e.g. ".gif") are not checked against the content.
 
-    `width`/`height` are those of the returned (upright) image when ok, else the header's (None when no
-    header could be read).  `format` is Pillow's name ("MPO" for a multi-picture JPEG).
+    `width`/`height` are those of the upright image when ok (its full size, also when the returned image was
+    decoded at a reduced scale), else the header's (None when no header could be read).  `format` is
+    Pillow's name ("MPO" for a multi-picture JPEG).
 
     With `check_corruptness=False` the decode is permissive, like Pillow's LOAD_TRUNCATED_IMAGES: whatever
     could be decoded is returned as ok, and no extension check is made; the verdict is not ok only when no
@@ -130,13 +140,13 @@ def inspect_image(
     if not data:
         return _verdict(Reason.EMPTY, "the file is empty"), None
     try:
-        return _inspect(data, filename, max_pixels, check_corruptness, apply_exif)
+        return _inspect(data, filename, max_pixels, check_corruptness, apply_exif, scale_to)
     except Exception as exc:  # noqa: BLE001 - the boundary: no input may make this function raise
         return _verdict(Reason.DECODE_ERROR, _describe(exc)), None
 
 
 def _inspect(
-    data: bytes, filename: str, max_pixels: int, check_corruptness: bool, apply_exif: bool
+    data: bytes, filename: str, max_pixels: int, check_corruptness: bool, apply_exif: bool, scale_to: int | None
 ) -> tuple[Verdict, Image.Image | None]:
     try:
         im, open_errors = _identify(data)
@@ -151,12 +161,17 @@ def _inspect(
                 Reason.TOO_LARGE,
                 f"{width}x{height} is {width * height} pixels, more than the limit of {max_pixels}",
             )
+        target = _scale_target(width, height, scale_to) if fmt in ("JPEG", "MPO") else None
         if check_corruptness:
-            _decode_strict(im, data)
+            reduced = _decode_strict(im, data, target)
             _check_extension(fmt, filename)
         else:
-            _decode_permissive(im)
-        rgb = _rgb(im, apply_exif)
+            reduced = _decode_permissive(im, data, target)
+        if reduced is None:
+            rgb = _rgb(im, apply_exif)
+            size = rgb.size
+        else:
+            rgb, size = _upright_reduced(im, reduced, (width, height), apply_exif)
     except _Bad as bad:
         return _verdict(bad.reason, bad.detail, fmt, width, height), None
     except Image.DecompressionBombError as exc:  # a frame beyond Pillow's own global limit
@@ -164,7 +179,7 @@ def _inspect(
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for damaged data
         reason = Reason.TRUNCATED if _looks_truncated(exc, data, fmt) else Reason.DECODE_ERROR
         return _verdict(reason, _describe(exc), fmt, width, height), None
-    return Verdict(True, None, "", fmt, rgb.width, rgb.height), rgb
+    return Verdict(True, None, "", fmt, *size), rgb
 
 
 def _verdict(
@@ -269,18 +284,33 @@ def _ends_early(data: bytes, fmt: str | None) -> bool:
 # Decoding
 
 
-def _decode_strict(im: ImageFile.ImageFile, data: bytes) -> None:
+def _scale_target(width: int, height: int, scale_to: int | None) -> tuple[int, int] | None:
+    """The least size a scaled decode must reach on each axis; None for a full decode."""
+    if scale_to is None:
+        return None
+    return min(scale_to, width), min(scale_to, height)
+
+
+def _decode_strict(im: ImageFile.ImageFile, data: bytes, target: tuple[int, int] | None) -> Image.Image | None:
+    """Decode strictly (raises `_Bad` or a decoder's error).  Returns the image decoded at reduced scale
+    (stored orientation, maybe not RGB), or None when `im` itself is loaded at full size."""
     fmt = im.format
     if fmt in ("JPEG", "MPO"):
-        _decode_jpeg(im, data)
-        return
+        return _decode_jpeg(im, data, target)
     structure_check = _STRUCTURE_CHECKS.get(fmt) if fmt is not None else None
     if structure_check is not None:
         structure_check(data)
     im.load()
+    return None
 
 
-def _decode_permissive(im: ImageFile.ImageFile) -> None:
+def _decode_permissive(im: ImageFile.ImageFile, data: bytes, target: tuple[int, int] | None) -> Image.Image | None:
+    """Like `_decode_strict`, keeping whatever a damaged file yields; `target` is only given for a JPEG."""
+    if target is not None:
+        try:
+            return _turbo_decode(im, data, target, strict=False)
+        except Exception:  # noqa: BLE001 - refused or beyond repair for libjpeg-turbo: Pillow keeps what it can
+            im.draft(None, target)
     try:
         im.load()
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error):
@@ -289,6 +319,7 @@ def _decode_permissive(im: ImageFile.ImageFile) -> None:
         if getattr(im, "_im", None) is None:
             raise
         im.tile = []
+    return im if target is not None else None
 
 
 def _check_extension(fmt: str | None, filename: str) -> None:
@@ -328,13 +359,42 @@ def _rgb(im: Image.Image, apply_exif: bool) -> Image.Image:
     return im
 
 
-def _upright(im: Image.Image) -> Image.Image:
-    """`im` turned by its EXIF orientation; unchanged when there is none or the EXIF is unusable."""
+def _orientation(im: Image.Image) -> int:
+    """`im`'s EXIF orientation, 1 (stored upright) when there is none or it is unusable."""
     try:
         orientation = im.getexif().get(_ORIENTATION, 1)
     except Exception:  # noqa: BLE001 - broken EXIF must not make a good image unusable
-        return im
-    if orientation not in range(2, 9):  # 1 (or garbage) means stored upright; avoids exif_transpose's copy
+        return 1
+    return orientation if orientation in range(2, 9) else 1
+
+
+# What ImageOps.exif_transpose does for each orientation.
+_TRANSPOSE: Mapping[int, Image.Transpose] = MappingProxyType({
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+})
+
+
+def _upright_reduced(
+    im: Image.Image, reduced: Image.Image, full_size: tuple[int, int], apply_exif: bool
+) -> tuple[Image.Image, tuple[int, int]]:
+    """A reduced-scale decode as upright RGB, turned by `im`'s EXIF orientation, and the full upright size."""
+    orientation = _orientation(im) if apply_exif else 1
+    rgb = _rgb(reduced, apply_exif=False)
+    if orientation in _TRANSPOSE:
+        rgb = rgb.transpose(_TRANSPOSE[orientation])
+    width, height = full_size
+    return rgb, ((height, width) if orientation >= 5 else (width, height))
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """`im` turned by its EXIF orientation; unchanged when there is none or the EXIF is unusable."""
+    if _orientation(im) == 1:  # avoids exif_transpose's copy
         return im
     try:
         return ImageOps.exif_transpose(im)
@@ -481,7 +541,11 @@ _STRUCTURE_CHECKS: Mapping[str, Callable[[bytes], None]] = MappingProxyType(
 # --------------------------------------------------------------------------------------------------------
 # JPEG
 #
-# Why a scan that ends early is observable here although libjpeg only warns about it: libjpeg's Huffman
+# Most JPEGs are judged by libjpeg-turbo with warnings as errors (`_decode_jpeg`).  The Pillow decode below
+# gives the verdict of the files libjpeg-turbo refuses or warns about.  It distinguishes a cut from damage
+# and tolerates harmless warnings; its blind spot (see below) is covered by libjpeg-turbo's own warning.
+#
+# Why a scan that ends early is observable in this decode although libjpeg only warns about it: libjpeg's Huffman
 # bit reader stops at a marker and then silently substitutes zero bits ("insufficient data"), but when it
 # simply runs out of input (no marker) it suspends and Pillow's decoder reports how many bytes it used.
 # So each scan's entropy-coded data is fed *without* the marker that ends it, followed by `_PAD`, which
@@ -714,14 +778,78 @@ def _check_restarts(data: bytes, layout: _JpegLayout, index: int) -> None:
         raise _Bad(Reason.DECODE_ERROR, "JPEG restart markers are out of sequence")
 
 
-def _decode_jpeg(im: ImageFile.ImageFile, data: bytes) -> None:
+# libjpeg's warnings for data that ran out: JWRN_HIT_MARKER ("Corrupt JPEG data: premature end of data
+# segment": a scan reached a marker before all its blocks were decoded) and JWRN_JPEG_EOF ("Premature end of
+# JPEG file": the data stops without an end-of-image marker).  Other warnings, such as "N extraneous bytes
+# before marker 0xd9", lose no pixels.
+_PREMATURE_END = "premature end"
+
+
+def _decode_jpeg(im: ImageFile.ImageFile, data: bytes, target: tuple[int, int] | None) -> Image.Image | None:
+    """Check the structure, then decode with libjpeg-turbo, warnings being errors: with `target`, DCT-scaled,
+    returning that decode; without, at 1/8 scale as a check only, and `im` is then loaded by Pillow.
+
+    A file libjpeg-turbo refuses (e.g. 4:1:0 chroma subsampling, 12-bit) or warns about gets the verdict of
+    the Pillow decode that existed before libjpeg-turbo was used (`_decode_jpeg_pillow`); a warning that the
+    data ran out makes it unusable even where that decode finds nothing wrong.
+    """
     layout = _jpeg_layout(data)
+    if layout.frame.marker in _STRICT_SOF:
+        _check_jpeg_structure(data, layout)
+    try:
+        if target is None:
+            _turbo_check(im, data)
+            reduced = None
+        else:
+            reduced = _turbo_decode(im, data, target, strict=True)
+    except Exception as exc:  # noqa: BLE001 - refused, or stopped at its first warning; the message tells which
+        if target is not None:
+            im.draft(None, target)
+        _decode_jpeg_pillow(im, data, layout)
+        if _PREMATURE_END in str(exc).lower():
+            raise _scan_ran_out(layout, exc) from None
+        return im if target is not None else None
+    if layout.end is None:  # libjpeg-turbo warns about this; a guard all the same
+        raise _Bad(Reason.TRUNCATED, "JPEG data ends without an end-of-image marker")
+    if reduced is None:
+        im.load()
+    return reduced
+
+
+def _turbo_check(im: Image.Image, data: bytes) -> None:
+    """libjpeg-turbo's strict decode at 1/8 scale, grey: the entropy-coded data, where a shortage shows, is
+    decoded in full at any scale and for every component, but little else is done."""
+    colorspace = "CMYK" if im.mode == "CMYK" else "GRAY"  # CMYK: Pillow's mode for CMYK and YCCK JPEGs
+    simplejpeg.decode_jpeg(data, colorspace=colorspace, min_width=1, min_height=1, strict=True)
+
+
+def _turbo_decode(im: Image.Image, data: bytes, target: tuple[int, int], *, strict: bool) -> Image.Image:
+    """libjpeg-turbo's decode at the smallest n/8 scale that is at least `target`, as RGB.
+
+    fastdct/fastupsample: measured to change neither speed nor pixels at the scales the models use.
+    """
+    colorspace = "CMYK" if im.mode == "CMYK" else "RGB"
+    pixels: np.ndarray = simplejpeg.decode_jpeg(
+        data, colorspace=colorspace, min_width=target[0], min_height=target[1], strict=strict
+    )
+    if colorspace == "CMYK":  # Adobe's inverted CMYK, converted as Pillow converts its own CMYK decode
+        size = (pixels.shape[1], pixels.shape[0])
+        return Image.frombuffer("CMYK", size, pixels, "raw", "CMYK;I", 0, 1).convert("RGB")
+    return Image.fromarray(pixels)
+
+
+def _scan_ran_out(layout: _JpegLayout, exc: BaseException) -> _Bad:
+    """libjpeg-turbo found a scan short of data that the Pillow decode's probe let pass (its blind spot)."""
+    detail = f"a JPEG scan ends before all its blocks are decoded (libjpeg-turbo: {exc})"
+    return _Bad(Reason.TRUNCATED if _ends_at_eof(layout, len(layout.scans) - 1) else Reason.DECODE_ERROR, detail)
+
+
+def _decode_jpeg_pillow(im: ImageFile.ImageFile, data: bytes, layout: _JpegLayout) -> None:
     if layout.frame.marker not in _STRICT_SOF:
         # arithmetic-coded, lossless or hierarchical: libjpeg cannot suspend inside such scans, so the
         # padding probe does not apply; rely on libjpeg's own errors
         im.load()
     else:
-        _check_jpeg_structure(data, layout)
         _decode_jpeg_strict(im, data, layout)
     if layout.end is None:
         raise _Bad(Reason.TRUNCATED, "JPEG data ends without an end-of-image marker")
