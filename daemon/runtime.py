@@ -228,7 +228,7 @@ def load_engine(config: Config, trained: Path | None = None,
     (a pass that knows its files) may supply one from the images it is about to embed.
     """
     with contextlib.ExitStack() as stack:
-        if store is None and config.store_path.exists():
+        if store is None:  # the mode is decided once per store and recorded there: a new store is made now
             store = stack.enter_context(Store.open(config.store_path, float(config.store.busy_timeout)))
         on_gpu = _wants_cuda(config)
         openvino_ok = config.model.runtime == "auto" and not on_gpu and _openvino_loads()
@@ -396,15 +396,24 @@ def _onnx_engine(config: Config, mode: Mode, calib: _CalibrationRef | None) -> E
         key = artifacts.request_key(artifacts.onnx_request(digest, m.input_size, mean, std, m.output, ir))
         return {"kind": "onnx", "key": key, "models_dir": str(models_dir), "ir": ir, "path": str(path), **preprocess}
 
+    def prepared() -> Any:
+        model = read_onnx(path, m.output)
+        try:
+            return with_uint8_input(model, m.input_size, mean, std)
+        except Exception as exc:  # noqa: BLE001 - shape inference refuses the size (a ViT's fixed positional embedding)
+            last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            raise ModelError(f"model.onnx: {str(path)!r} does not take an Nx3x{m.input_size}x{m.input_size} input "
+                             f"(model.input_size): {last[:200]}") from None
+
     def info() -> ModelInfo:
-        model = with_uint8_input(read_onnx(path, m.output), m.input_size, mean, std)
+        model = prepared()
         return ModelInfo(f"onnx:{path.name}", "onnx", str(path), weights_hash, {"onnx": path.name, **preprocess},
                          _onnx_dim(model, m.input_size, path), m.input_size, str(path))
 
     def build_here(req: dict[str, Any]) -> None:
         import openvino as ov
 
-        model = with_uint8_input(read_onnx(path, m.output), m.input_size, mean, std)
+        model = prepared()
         details = info()
         artifact = artifacts.publish(models_dir, artifacts.artifact_name(details, req["ir"]),
                                      lambda d: ov.save_model(model, str(d / "model.xml"), compress_to_fp16=False),
@@ -430,9 +439,9 @@ def _onnx_dim(model: Any, input_size: int, path: Path) -> int:
         out = _core().compile_model(model, "CPU").create_infer_request().infer(
             {0: np.zeros((1, input_size, input_size, 3), dtype=np.uint8)})[0]
     except Exception as exc:  # noqa: BLE001 - the model does not run on its declared input
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]  # the first lines are source locations
         raise ModelError(f"model.onnx: {str(path)!r} does not run on a 1x3x{input_size}x{input_size} input "
-                         f"(model.input_size): {first[:200]}") from None
+                         f"(model.input_size): {last[:200]}") from None
     if out.ndim < 2 or out.shape[0] != 1 or int(np.prod(out.shape[1:])) < 1:
         raise ModelError(f"model.onnx: {str(path)!r} gives an output of shape {tuple(out.shape)}; an embedding is N×D")
     return int(np.prod(out.shape[1:]))

@@ -37,6 +37,9 @@ class Engine(Protocol):
     images_embedded: int
 
     @property
+    def mode(self) -> Mode: ...
+
+    @property
     def identity(self) -> str: ...
 
     @property

@@ -247,7 +247,7 @@ def planned_work(store: Store, roots: Sequence[Path], ignore_patterns: Sequence[
 def activate_model(store: Store, embedder: Engine) -> int:
     """Register the engine's model (weights and mode: see engine.Mode) in the store, make it current, return its id."""
     m = embedder.info
-    arch = {**m.arch, "precision": embedder.precision, "decode": "exact" if embedder.exact_decode else "scaled"}
+    arch = {**m.arch, **embedder.mode.arch()}
     model_id = store.register_model(weights_hash=embedder.identity, input_size=m.input_size, source=m.source,
                                     detail=m.detail, arch=arch, dim=m.dim, path=m.path)
     current = store.current_model()

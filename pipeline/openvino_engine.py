@@ -72,17 +72,25 @@ def read_onnx(path: Path, output: str) -> Any:
     """An ONNX image embedder reduced to one image input and the embedding output; a file that is not one
     is a ModelError naming what is wrong."""
     import openvino as ov
+    from openvino.frontend import FrontEndManager
 
     try:
-        model = _core().read_model(str(path))
-    except Exception as exc:  # noqa: BLE001 - OpenVINO's parser errors are long; one line of them
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelError(f"model.onnx: {str(path)!r} is not a readable ONNX model ({first[:200]})") from None
+        # The ONNX frontend alone: Core.read_model tries every frontend on a file ONNX cannot parse, and
+        # TensorFlow's prints its parse errors (with the file's bytes) straight to stderr.
+        frontend = FrontEndManager().load_by_framework("onnx")
+        model = frontend.convert(frontend.load(str(path)))
+    except Exception as exc:  # noqa: BLE001 - OpenVINO's parser errors are long; their last line says what failed
+        last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        raise ModelError(f"model.onnx: {str(path)!r} is not a readable ONNX model ({last[:200]})") from None
     if len(model.inputs) != 1:
         raise ModelError(f"model.onnx: {str(path)!r} has {len(model.inputs)} inputs; an image embedder has one")
     rank = model.inputs[0].get_partial_shape().rank
     if rank.is_dynamic or rank.get_length() != 4:
         raise ModelError(f"model.onnx: {str(path)!r} takes a rank-{rank} input; an image embedder takes N×3×H×W (rank 4)")
+    channels = model.inputs[0].get_partial_shape()[1]
+    if channels.is_static and channels.get_length() != 3:
+        raise ModelError(f"model.onnx: {str(path)!r} takes {channels.get_length()}-channel images; "
+                         "poolwatch gives it RGB (N×3×H×W)")
     names = [sorted(o.get_names()) for o in model.outputs]
     if output:
         chosen = [i for i, n in enumerate(names) if output in n]
@@ -107,7 +115,7 @@ class OpenVINOEngine:
     def __init__(self, artifact: Path, info: ModelInfo, mode: Mode, threads: int | None = None) -> None:
         if mode.precision not in ("fp32", "bf16", "int8"):
             raise ModelError(f"embedding_precision: {mode.precision} is not a CPU precision (allowed: fp32, bf16, int8)")
-        self.info, self.precision, self.exact_decode, self.mode = info, mode.precision, mode.exact_decode, mode
+        self.info, self.precision, self.exact_decode, self._mode = info, mode.precision, mode.exact_decode, mode
         config = {
             # f32 for int8's non-quantized layers too, so one artifact gives the same vectors on every CPU
             # (OpenVINO's own default is bf16 on AMX machines)
@@ -125,8 +133,12 @@ class OpenVINOEngine:
         self.images_embedded = 0
 
     @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    @property
     def identity(self) -> str:
-        return self.mode.identity(self.info.weights_hash)
+        return self._mode.identity(self.info.weights_hash)
 
     @property
     def dim(self) -> int:

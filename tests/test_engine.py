@@ -123,3 +123,36 @@ def test_a_store_made_before_modes_is_not_reembedded_and_a_cached_start_imports_
         assert json.loads(conn.execute("SELECT value FROM settings WHERE key = 'embedding'").fetchone()[0])["precision"] == "fp32"
     # an explicit precision is a model change like any other
     assert _ingest(inp, shared, "embedding_precision=bf16")["ok"] == 6
+
+
+def test_a_daemon_on_a_fresh_store_switches_to_int8_once_it_can_calibrate_and_never_loads_torch(
+        tmp_path: Path, daemons: list) -> None:
+    """`auto` on a fresh store: the daemon embeds in the best mode that needs no calibration (bf16 here, when
+    the CPU runs it), and once it holds CALIBRATION_COUNT ok images it calibrates int8 on them and switches,
+    re-embedding what it stored so far in the background. Exports and the quantization run in the model
+    builder's child: the daemon process itself never maps libtorch."""
+    from poolwatch.pipeline.openvino_engine import runnable
+
+    from .test_daemon import Daemon, query, wait_for, write_images
+
+    if not runnable("int8"):
+        pytest.skip("this CPU's OpenVINO has no int8: auto does not choose it")
+    inp, shared = tmp_path / "in", tmp_path / "shared"
+    inp.mkdir()
+    d = Daemon(tmp_path, [inp], shared, *TINY, "lightly.loader.num_workers=1")
+    daemons.append(d)
+    d.start()
+    write_images(inp, [(f"a_{i:03d}.jpg", 50_000 + i) for i in range(CALIBRATION_COUNT + 20)], size=(48, 40))
+
+    def current_precision() -> str | None:
+        rows = query(shared, "SELECT arch FROM models WHERE is_current = 1")
+        return json.loads(rows[0][0])["precision"] if rows else None
+
+    wait_for(lambda: current_precision() == "int8", 240, "the switch to int8", d)
+    int8_model = query(shared, "SELECT id, arch FROM models WHERE is_current = 1")[0]
+    assert json.loads(int8_model[1])["calibration"]
+    wait_for(lambda: query(shared, f"SELECT COUNT(*) FROM embeddings WHERE model_id = {int8_model[0]}")[0][0]
+             == CALIBRATION_COUNT + 20, 240, "re-embedding with the int8 model", d)
+    assert query(shared, "SELECT COUNT(*) FROM images WHERE status = 'ok'")[0][0] == CALIBRATION_COUNT + 20
+    maps = Path(f"/proc/{d.pid}/maps").read_text()
+    assert "libtorch" not in maps and "openvino" in maps
