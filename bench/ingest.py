@@ -1,11 +1,15 @@
-"""Ingest throughput: lightly-embed vs `poolwatch ingest` vs a decode-only loop, on the same files and cores.
+"""Ingest throughput: lightly-embed vs `poolwatch ingest` in each mode vs that mode's own limit, same files and cores.
 
     python bench/ingest.py                      # 2,000 JPEGs at 640x480, then a 1920x1080 set
     python bench/ingest.py --n 300 --repeat 1   # quicker
     python bench/ingest.py --smoke              # seconds: keeps the script working (CI)
 
 Each tool runs as its own process, end to end (start-up, model load, decode, embed, write), alternating
-A and B for --repeat rounds; medians are reported. Same model settings everywhere (resnet-18, num_ftrs 32,
+the tools in each of --repeat rounds; medians are reported. Each poolwatch mode runs once first (its first
+start: export, and calibration + quantization for int8, timed apart), then every round starts with its
+artifact cached, as every start after the first does. A mode's limit is 1 / (1/model-only + 1/decode-only),
+both measured in the same round on the same cores: the model and the decoder share the cores.
+Same model settings everywhere (resnet-18, num_ftrs 32,
 input 64, batch size --batch, --workers decode workers). Offline, lightly-embed and poolwatch both use
 random weights, which is fine for timing. With --fastdup-python, fastdup's whole `run()` (its own model) is
 timed on the same files too:
@@ -72,20 +76,45 @@ def fastdup_run(python: Path, folder: Path, work: Path, workers: int) -> tuple[f
     return wall, rss
 
 
-def poolwatch_ingest(folder: Path, work: Path, batch: int, workers: int, extra: list[str]) -> tuple[float, float, dict]:
-    shared = work / f"pw-{time.time_ns()}"
+def poolwatch_ingest(folder: Path, shared: Path, work: Path, batch: int, workers: int,
+                     extra: list[str]) -> tuple[float, float, dict]:
+    """One `poolwatch ingest` into a fresh store in `shared`, whose models/ (the exported and quantized
+    artifacts) is kept from the variant's first run: every run after it starts with the artifact cached."""
+    for f in shared.glob("poolwatch.db*"):
+        f.unlink()
     cmd = [str(BIN / "poolwatch"), "ingest", "--json", f"input_dir={folder}", f"shared_dir={shared}",
            "lightly.pre_trained=false", f"lightly.loader.batch_size={batch}", f"lightly.loader.num_workers={workers}",
            *extra, "--log-level", "WARNING"]
     wall, rss, out = run_child_measured(cmd, work)
-    shutil.rmtree(shared, ignore_errors=True)
     return wall, rss, json.loads(out.strip().splitlines()[-1])
 
 
-def decode_only(paths: list[Path], workers: int, input_size: int) -> float:
+def model_only(shared: Path, folder: Path, extra: list[str], batch: int, rounds: int = 5) -> float:
+    """The variant's engine alone (its cached artifact) on batches of photo pixels: images/s, median of `rounds`."""
+    import numpy as np
+
+    from poolwatch.daemon import runtime
+    from poolwatch.pipeline.config import load_config
+    from poolwatch.pipeline.store import Store
+
+    config = load_config([f"input_dir={folder}", f"shared_dir={shared}", "lightly.pre_trained=false", *extra])
+    with Store.open(config.store_path) as store:
+        engine = runtime.load_engine(config, store=store)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (batch, engine.input_size, engine.input_size, 3), dtype=np.uint8)
+    engine.embed(x)
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        engine.embed(x)
+        times.append(time.perf_counter() - t)
+    return batch / statistics.median(times)
+
+
+def decode_only(paths: list[Path], workers: int, input_size: int, exact: bool) -> float:
     from poolwatch.pipeline.decode import DecodeSettings, FileRef, read_and_decode
 
-    settings = DecodeSettings(input_size=input_size)
+    settings = DecodeSettings(input_size=input_size, exact_decode=exact)
     refs = [FileRef(str(p.parent), p.name, 0, 0) for p in paths]
     start = time.perf_counter()
     if workers > 0:
@@ -95,19 +124,33 @@ def decode_only(paths: list[Path], workers: int, input_size: int) -> float:
     else:
         for r in refs:
             read_and_decode(r, settings)
-    return time.perf_counter() - start
+    return len(paths) / (time.perf_counter() - start)
+
+
+VARIANTS = {
+    "default (auto)": [],
+    "fp32 + exact decode (lightly-embed's vectors)": ["embedding_precision=fp32", "check.exact_decode=true"],
+    "bf16": ["embedding_precision=bf16"],
+    "int8": ["embedding_precision=int8"],
+    "torch fp32 (the previous engine)": ["model.runtime=torch", "embedding_precision=fp32", "check.exact_decode=true"],
+}
 
 
 def bench_set(label: str, folder: Path, paths: list[Path], work: Path, args: argparse.Namespace) -> None:
     n = len(paths)
-    variants = {"poolwatch ingest": args.poolwatch_arg}
-    if args.bf16:
-        variants["poolwatch ingest, bf16"] = [*args.poolwatch_arg, "embedding_precision=bf16"]
-    lightly, dec, fastdup = [], [], []
+    variants = {k: [*args.poolwatch_arg, *v] for k, v in VARIANTS.items() if k.split(" ")[0] in args.modes}
+    med = statistics.median
+    lightly, fastdup = [], []
     pw: dict[str, list[float]] = {v: [] for v in variants}
-    pw_eff: dict[str, list[float]] = {v: [] for v in variants}
-    pw_rate: dict[str, list[float]] = {v: [] for v in variants}
+    eff: dict[str, list[float]] = {v: [] for v in variants}
+    model: dict[str, list[float]] = {v: [] for v in variants}
+    dec: dict[str, list[float]] = {v: [] for v in variants}
     rss = {"lightly": 0.0, "fastdup": 0.0, **{v: 0.0 for v in variants}}
+    shared = {v: work / f"pw-{i}" for i, v in enumerate(variants)}
+    first: dict[str, float] = {}
+    for v, extra in variants.items():  # first start: export (and calibration + quantization for int8)
+        wall, _mem, summary = poolwatch_ingest(folder, shared[v], work, args.batch, args.workers, extra)
+        first[v] = wall - n / max(summary["images_per_second"], 1e-9)
     for _ in range(args.repeat):
         if args.fastdup_python:
             wall, mem = fastdup_run(args.fastdup_python, folder, work, args.workers)
@@ -118,30 +161,27 @@ def bench_set(label: str, folder: Path, paths: list[Path], work: Path, args: arg
             lightly.append(n / wall)
             rss["lightly"] = max(rss["lightly"], mem)
         for v, extra in variants.items():
-            wall, mem, summary = poolwatch_ingest(folder, work, args.batch, args.workers, extra)
+            wall, mem, summary = poolwatch_ingest(folder, shared[v], work, args.batch, args.workers, extra)
             pw[v].append(n / wall)
-            pw_eff[v].append(summary["compute_efficiency"])
-            pw_rate[v].append(summary["images_per_second"])
+            eff[v].append(summary["compute_efficiency"])
             rss[v] = max(rss[v], mem)
-        dec.append(n / decode_only(paths, args.workers, 64))
-    med = statistics.median
+            model[v].append(model_only(shared[v], folder, extra, args.batch))
+            dec[v].append(decode_only(paths, args.workers, 64, "check.exact_decode=true" in extra))
     print(f"\n## {label}: {n} files, batch {args.batch}, {args.workers} decode workers, {args.repeat} rounds (medians)")
-    print("| what | images/s end to end | peak RSS MB |")
-    print("|---|---|---|")
+    print("| what | images/s end to end | vs lightly-embed | vs fastdup | model-only | decode-only | vs its limit | "
+          "compute efficiency | peak RSS MB | first start (export, quantization) s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     if lightly:
-        print(f"| lightly-embed | {med(lightly):.1f} | {rss['lightly']:.0f} |")
+        print(f"| lightly-embed | {med(lightly):.1f} | 1.00x | | | | | | {rss['lightly']:.0f} | |")
     if fastdup:
-        print(f"| fastdup run() | {med(fastdup):.1f} | {rss['fastdup']:.0f} |")
+        print(f"| fastdup run() | {med(fastdup):.1f} | | 1.00x | | | | | {rss['fastdup']:.0f} | |")
     for v in variants:
-        print(f"| {v} | {med(pw[v]):.1f} (loop rate {med(pw_rate[v]):.1f}, compute efficiency {med(pw_eff[v]):.2f}) "
-              f"| {rss[v]:.0f} |")
-    print(f"| decode-only (poolwatch's decoder) | {med(dec):.1f} | - |")
-    for v in variants:
-        if lightly:
-            print(f"ratio {v} / lightly-embed: {med(pw[v]) / med(lightly):.2f}x")
-        if fastdup:
-            print(f"ratio {v} / fastdup: {med(pw[v]) / med(fastdup):.2f}x")
-        print(f"ratio {v} / decode-only limit: {med(pw[v]) / med(dec):.2f}")
+        rate, m, d = med(pw[v]), med(model[v]), med(dec[v])
+        limit = 1 / (1 / m + 1 / d)
+        vs_l = f"{rate / med(lightly):.2f}x" if lightly else ""
+        vs_f = f"{rate / med(fastdup):.2f}x" if fastdup else ""
+        print(f"| poolwatch ingest, {v} | {rate:.1f} | {vs_l} | {vs_f} | {m:.1f} | {d:.1f} | {rate / limit:.2f} | "
+              f"{med(eff[v]):.2f} | {rss[v]:.0f} | {first[v]:.1f} |")
 
 
 def main() -> None:
@@ -153,14 +193,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "poolwatch-bench-ingest")
     ap.add_argument("--skip-lightly", action="store_true")
-    ap.add_argument("--bf16", action="store_true", help="also run poolwatch with embedding_precision=bf16 each round")
+    ap.add_argument("--modes", nargs="+", default=["default", "fp32", "int8"],
+                    help=f"poolwatch variants to run (first word of: {', '.join(VARIANTS)})")
     ap.add_argument("--fastdup-python", type=Path, help="python of a separate venv with fastdup installed "
                     "(non-commercial licence: a local comparison only, never a dependency)")
     ap.add_argument("--poolwatch-arg", action="append", default=[], help="extra key=value for poolwatch")
     ap.add_argument("--smoke", action="store_true", help="tiny run to keep the script working")
     args = ap.parse_args()
     if args.smoke:
-        args.n, args.n_hd, args.repeat, args.batch = 16, 0, 1, 8
+        args.n, args.n_hd, args.repeat, args.batch, args.modes = 16, 0, 1, 8, ["default", "fp32"]
     print(f"machine: {machine()}")
     work = Path(tempfile.mkdtemp(prefix="pw-bench-"))
     try:

@@ -30,7 +30,7 @@ def build_in_child(request: dict[str, Any], timeout: float | None = None) -> dic
         req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
         req.write_text(json.dumps(request))
         started = time.monotonic()
-        log.info("building the model's artifact in a child process (%s, %s)", request["kind"], request["ir"])
+        log.debug("building the model's artifact in a child process (%s, %s)", request["kind"], request["ir"])
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         try:
             proc = subprocess.run([sys.executable, "-m", "poolwatch.daemon.model_child", str(req), str(res)],
@@ -47,7 +47,7 @@ def build_in_child(request: dict[str, Any], timeout: float | None = None) -> dic
             raise ModelError(f"the model builder died (exit {proc.returncode}) without a result:\n{tail}") from None
     if "error" in result:
         raise ModelError(result["error"])
-    log.info("model artifact ready in %.1fs: %s", time.monotonic() - started, result["artifact"])
+    log.info("model artifact built in a child process in %.1fs: %s", time.monotonic() - started, result["artifact"])
     return result
 
 

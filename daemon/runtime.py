@@ -188,7 +188,7 @@ def _runnable(on_gpu: bool, openvino_ok: bool) -> Callable[[str], bool]:
 
 
 def choose_mode(config: Config, store: Store | None, on_gpu: bool, openvino_ok: bool) -> ModeChoice:
-    """The store's embedding mode (engine.choose_mode), recorded in the store when it is new or changed."""
+    """The store's embedding mode (engine.choose_mode); load_engine records it once the model has loaded."""
     from poolwatch.pipeline.openvino_engine import cpu_name
 
     stored = store.setting("embedding") if store is not None else None
@@ -196,10 +196,6 @@ def choose_mode(config: Config, store: Store | None, on_gpu: bool, openvino_ok: 
     choice = engine_choose_mode(config.embedding_precision, config.check.exact_decode, stored,
                                 current.arch if current is not None else None, _runnable(on_gpu, openvino_ok), on_gpu,
                                 "a GPU" if on_gpu else cpu_name())
-    if choice.changed and store is not None:
-        store.set_setting("embedding", choice.record)
-        log.info("embedding mode of this store: %s, %s decode (%s)", choice.precision,
-                 "exact" if choice.exact_decode else "scaled", choice.record.get("decided", ""))
     return choice
 
 
@@ -223,9 +219,10 @@ def load_engine(config: Config, trained: Path | None = None,
 
     On the CPU: OpenVINO running the model's cached artifact (built in a child process on first use, so
     torch is imported only there); torch on the CPU only when OpenVINO cannot load or model.runtime=torch.
-    On a GPU: torch. The precision and decode mode are the store's (`choose_mode`); an int8 store without
-    a calibration yet (too few images) runs the best mode that needs none until it has one; `calibrate`
-    (a pass that knows its files) may supply one from the images it is about to embed.
+    On a GPU: torch. The precision and decode mode are the store's (`choose_mode`), recorded once the model
+    has loaded; an int8 store without a calibration yet (too few images) runs the best mode that needs none
+    until it has one; `calibrate` (a pass that knows its files) may supply one from the images it is about
+    to embed.
     """
     with contextlib.ExitStack() as stack:
         if store is None:  # the mode is decided once per store and recorded there: a new store is made now
@@ -242,13 +239,26 @@ def load_engine(config: Config, trained: Path | None = None,
             calib = _calibration(store, settings, calibrate)
             if calib is None:
                 precision = interim_precision(_runnable(on_gpu, openvino_ok))
-                log.info("int8 needs %d ok images to calibrate on; embedding in %s until the store has them",
-                         CALIBRATION_COUNT, precision)
+        mode = Mode(precision, choice.exact_decode)
         if config.model.onnx:
-            return _onnx_engine(config, Mode(precision, choice.exact_decode), calib)
-        spec, args = _lightly_args(config, store, trained)
-    if not openvino_ok:
-        return _torch_engine(config, spec, args, Mode(precision, choice.exact_decode), on_gpu)
+            engine = _onnx_engine(config, mode, calib)
+        else:
+            spec, args = _lightly_args(config, store, trained)
+            engine = _lightly_engine(config, spec, args, mode, calib) if openvino_ok else \
+                _torch_engine(config, spec, args, mode, on_gpu)
+        if choice.changed:
+            store.set_setting("embedding", choice.record)
+            log.info("embedding mode of this store: %s, %s decode (%s)", choice.precision,
+                     "exact" if choice.exact_decode else "scaled", choice.record.get("decided", ""))
+        if precision != choice.precision:
+            log.info("int8 needs %d ok images to calibrate on; embedding in %s until the store has them",
+                     CALIBRATION_COUNT, precision)
+    _log_model(engine)
+    return engine
+
+
+def _lightly_engine(config: Config, spec: ModelSpec, args: dict[str, Any], mode: Mode,
+                    calib: _CalibrationRef | None) -> Engine:
     models_dir = config.shared_path / "models"
     ref = find_weights(spec, models_dir=models_dir, **args)
     paths = {k: str(v) if isinstance(v, Path) else v for k, v in args.items()}
@@ -258,9 +268,7 @@ def load_engine(config: Config, trained: Path | None = None,
         return {"kind": "lightly", "key": key, "models_dir": str(models_dir), "ir": ir, "spec": asdict(spec), **paths}
 
     (path, meta), calibration_hash = _artifact(models_dir, request, calib, None)
-    engine = OpenVINOEngine(path, ModelInfo.from_json(meta["info"]), Mode(precision, choice.exact_decode, calibration_hash))
-    _log_model(engine)
-    return engine
+    return OpenVINOEngine(path, ModelInfo.from_json(meta["info"]), replace(mode, calibration=calibration_hash))
 
 
 @dataclass
@@ -427,9 +435,7 @@ def _onnx_engine(config: Config, mode: Mode, calib: _CalibrationRef | None) -> E
         return req
 
     (artifact, meta), calibration_hash = _artifact(models_dir, request_with_info, calib, build_here)
-    engine = OpenVINOEngine(artifact, ModelInfo.from_json(meta["info"]), replace(mode, calibration=calibration_hash))
-    _log_model(engine)
-    return engine
+    return OpenVINOEngine(artifact, ModelInfo.from_json(meta["info"]), replace(mode, calibration=calibration_hash))
 
 
 def _onnx_dim(model: Any, input_size: int, path: Path) -> int:
@@ -455,9 +461,7 @@ def _torch_engine(config: Config, spec: ModelSpec, args: dict[str, Any], mode: M
     model = load_model(spec, models_dir=config.shared_path / "models", **args)
     device = resolve_device("cuda" if on_gpu else "cpu")
     configure_torch_threads()
-    engine = Embedder(model, device, mode.precision, mode.exact_decode)
-    _log_model(engine)
-    return engine
+    return Embedder(model, device, mode.precision, mode.exact_decode)
 
 
 def _log_model(engine: Engine) -> None:
