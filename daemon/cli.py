@@ -151,7 +151,7 @@ def _first_images(config: Config, store: Store) -> Callable[[DecodeSettings], Ca
         current = store.current_model()
         todo = planned_work(store, config.input_paths, config.watch.ignore_patterns, current.id if current else None)
         if len(todo) < CALIBRATION_COUNT:
-            log.info("%d files to embed, fewer than the %d that int8 calibrates on", len(todo), CALIBRATION_COUNT)
+            log.debug("%d files to embed, fewer than the %d that int8 calibrates on", len(todo), CALIBRATION_COUNT)
             return None
         log.info("calibrating int8 on the first %d good images of this pass before embedding any", CALIBRATION_COUNT)
         return calibration.from_plan(todo, settings, CALIBRATION_COUNT)
@@ -220,6 +220,10 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         if progress and progress["done"] < progress["total"]:
             print(f"        re-embedding: {progress['done']} of {progress['total']} images have vectors of this model; "
                   f"sampling uses model {data['sampling_model_id']} until then")
+        mode = data.get("embedding_mode") or {}
+        arch = model["arch"]
+        print(f"        {arch.get('precision', 'fp32')}, {arch.get('decode', 'exact')} decode"
+              + (f"; the store's mode: {mode['precision']} ({mode.get('decided', '')})" if mode else ""))
         if model["source"] == "random":
             print("        WARNING: random weights; set checkpoint= or enable_training=true for meaningful embeddings")
     else:

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,20 +25,31 @@ from poolwatch.pipeline.errors import ModelError, PoolwatchError
 log = logging.getLogger(__name__)
 
 
-def build_in_child(request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-    """Run `model_build.build(request)` in a child process; its ModelError comes back as a ModelError."""
+def build_in_child(request: dict[str, Any], cancel: threading.Event | None = None) -> dict[str, Any]:
+    """Run `model_build.build(request)` in a child process; its ModelError comes back as a ModelError. Setting
+    `cancel` (a daemon stopping) kills the child at once: what it wrote is a temp dir, never a half artifact."""
     with tempfile.TemporaryDirectory(prefix="poolwatch-build-") as tmp:
-        req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        req, res, out = Path(tmp) / "request.json", Path(tmp) / "result.json", Path(tmp) / "output.txt"
         req.write_text(json.dumps(request))
         started = time.monotonic()
         log.debug("building the model's artifact in a child process (%s, %s)", request["kind"], request["ir"])
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(out, "wb") as sink:
+            proc = subprocess.Popen([sys.executable, "-m", "poolwatch.daemon.model_child", str(req), str(res)],
+                                    stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT, env=env)
         try:
-            proc = subprocess.run([sys.executable, "-m", "poolwatch.daemon.model_child", str(req), str(res)],
-                                  capture_output=True, text=True, errors="replace", timeout=timeout, env=env)
-        except subprocess.TimeoutExpired:
-            raise ModelError(f"building the model's artifact took more than {timeout:.0f}s; the child was stopped") from None
-        output = (proc.stdout + proc.stderr).strip()
+            while True:
+                try:
+                    proc.wait(timeout=0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    if cancel is not None and cancel.is_set():
+                        raise ModelError("building the model's artifact was cancelled (stopping)") from None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        output = out.read_text(errors="replace").strip()
         if output:
             log.debug("model builder output:\n%s", output)
         try:

@@ -63,6 +63,7 @@ class ModelManager(ThreadComponent):
         super().__init__()
         self.settings, self.metrics = settings, metrics
         self.load = loader or runtime.load_engine  # tests wrap the real loader to inject model faults
+        self._custom_loader = loader is not None
         self.sampler_running, self.on_switch = sampler_running, on_switch
         self._state: ModelState | None = None
         self._lock = threading.Lock()
@@ -120,6 +121,12 @@ class ModelManager(ThreadComponent):
             self.check_calibration()
             self.check_coverage()
 
+    def load_cancellable(self, cfg: Config) -> Engine:
+        """A load in this component's thread: a stop cancels a build in the model builder's child."""
+        if self._custom_loader:
+            return self.load(cfg)
+        return runtime.load_engine(cfg, cancel=self.stopping)
+
     def check_calibration(self) -> None:
         """A store whose mode is int8 that started with too few images to calibrate on runs the interim mode;
         once it holds enough `ok` images, calibrate (in the model builder's child) and switch to int8, which
@@ -132,8 +139,10 @@ class ModelManager(ThreadComponent):
                 if not runtime.awaits_calibration(store, state.embedder) or store.count_ok() < CALIBRATION_COUNT:
                     return
             log.info("the store holds %d ok images or more: calibrating int8 on them", CALIBRATION_COUNT)
-            engine = self.load(cfg)
+            engine = self.load_cancellable(cfg)
         except Exception:  # the interim model keeps running; try again later
+            if self.stopping.is_set():
+                return
             log.warning("int8 calibration failed; embedding stays %s, next try in %.0fs", state.embedder.precision,
                         CALIBRATION_RETRY, exc_info=True)
             self._next_calibration = time.monotonic() + CALIBRATION_RETRY

@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -39,6 +40,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WEIGHTS_ENV = "POOLWATCH_WEIGHTS"
+ARTIFACTS_ENV = "POOLWATCH_ARTIFACTS"  # where exported models are cached, if not <shared_dir>/models/artifacts
+
+
+def artifacts_root(config: Config) -> Path:
+    """The artifact cache: $POOLWATCH_ARTIFACTS (one cache for several stores, e.g. on a local disk when
+    shared_dir is a network mount), else <shared_dir>/models/artifacts."""
+    env = os.environ.get(ARTIFACTS_ENV)
+    return Path(env).expanduser() if env else config.shared_path / "models" / "artifacts"
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -214,7 +223,8 @@ def _openvino_loads() -> bool:
 
 
 def load_engine(config: Config, trained: Path | None = None,
-                calibrate: Callable[[DecodeSettings], Calibration | None] | None = None, store: Store | None = None) -> Engine:
+                calibrate: Callable[[DecodeSettings], Calibration | None] | None = None, store: Store | None = None,
+                cancel: threading.Event | None = None) -> Engine:
     """The configured model, ready to embed, with its fallbacks logged loudly.
 
     On the CPU: OpenVINO running the model's cached artifact (built in a child process on first use, so
@@ -222,7 +232,7 @@ def load_engine(config: Config, trained: Path | None = None,
     On a GPU: torch. The precision and decode mode are the store's (`choose_mode`), recorded once the model
     has loaded; an int8 store without a calibration yet (too few images) runs the best mode that needs none
     until it has one; `calibrate` (a pass that knows its files) may supply one from the images it is about
-    to embed.
+    to embed. `cancel` stops a build in the child (a daemon that is stopping).
     """
     with contextlib.ExitStack() as stack:
         if store is None:  # the mode is decided once per store and recorded there: a new store is made now
@@ -241,10 +251,10 @@ def load_engine(config: Config, trained: Path | None = None,
                 precision = interim_precision(_runnable(on_gpu, openvino_ok))
         mode = Mode(precision, choice.exact_decode)
         if config.model.onnx:
-            engine = _onnx_engine(config, mode, calib)
+            engine = _onnx_engine(config, mode, calib, cancel)
         else:
             spec, args = _lightly_args(config, store, trained)
-            engine = _lightly_engine(config, spec, args, mode, calib) if openvino_ok else \
+            engine = _lightly_engine(config, spec, args, mode, calib, cancel) if openvino_ok else \
                 _torch_engine(config, spec, args, mode, on_gpu)
         if choice.changed:
             store.set_setting("embedding", choice.record)
@@ -258,16 +268,17 @@ def load_engine(config: Config, trained: Path | None = None,
 
 
 def _lightly_engine(config: Config, spec: ModelSpec, args: dict[str, Any], mode: Mode,
-                    calib: _CalibrationRef | None) -> Engine:
-    models_dir = config.shared_path / "models"
+                    calib: _CalibrationRef | None, cancel: threading.Event | None) -> Engine:
+    models_dir, root = config.shared_path / "models", artifacts_root(config)
     ref = find_weights(spec, models_dir=models_dir, **args)
     paths = {k: str(v) if isinstance(v, Path) else v for k, v in args.items()}
 
     def request(ir: str) -> dict[str, Any]:
         key = artifacts.request_key(artifacts.lightly_request(spec, ref, ir))
-        return {"kind": "lightly", "key": key, "models_dir": str(models_dir), "ir": ir, "spec": asdict(spec), **paths}
+        return {"kind": "lightly", "key": key, "models_dir": str(models_dir), "artifacts": str(root), "ir": ir,
+                "spec": asdict(spec), **paths}
 
-    (path, meta), calibration_hash = _artifact(models_dir, request, calib, None)
+    (path, meta), calibration_hash = _artifact(root, request, calib, None, cancel)
     return OpenVINOEngine(path, ModelInfo.from_json(meta["info"]), replace(mode, calibration=calibration_hash))
 
 
@@ -279,31 +290,32 @@ class _CalibrationRef:
     load: Callable[[], Calibration]
 
 
-def _artifact(models_dir: Path, request: Callable[[str], dict[str, Any]], calib: _CalibrationRef | None,
-              build_here: Callable[[dict[str, Any]], None] | None) -> tuple[tuple[Path, dict[str, Any]], str | None]:
+def _artifact(root: Path, request: Callable[[str], dict[str, Any]], calib: _CalibrationRef | None,
+              build_here: Callable[[dict[str, Any]], None] | None,
+              cancel: threading.Event | None) -> tuple[tuple[Path, dict[str, Any]], str | None]:
     """The cached artifact `request(ir)` names, built when missing (in the child, or by `build_here` for what
     needs no torch); returns it and the calibration hash it was made with (None: not int8)."""
     def tag(h: str | None) -> str:
         return "f32" if h is None else f"int8.{h[:12]}"
 
     wanted = calib.hash if calib is not None else None
-    found = artifacts.lookup(models_dir, request(tag(wanted))["key"])
+    found = artifacts.lookup(root, request(tag(wanted))["key"])
     if found is not None:
         return found, wanted
     pixels = calib.load() if calib is not None else None
     if pixels is not None and pixels.hash != wanted:  # some of its images are gone: a new calibration
         wanted = pixels.hash
-        found = artifacts.lookup(models_dir, request(tag(wanted))["key"])
+        found = artifacts.lookup(root, request(tag(wanted))["key"])
         if found is not None:
             return found, wanted
     req = request(tag(wanted))
     if pixels is None and build_here is not None:
         build_here(req)
     else:
-        _build(req, pixels)
-    found = artifacts.lookup(models_dir, req["key"])
+        _build(req, pixels, cancel)
+    found = artifacts.lookup(root, req["key"])
     if found is None:
-        raise ModelError(f"the model's artifact could not be written under {models_dir}")
+        raise ModelError(f"the model's artifact could not be written under {root}")
     return found, wanted
 
 
@@ -340,16 +352,16 @@ def training_device(config: Config) -> str:
     return "cuda" if _wants_cuda(config) else "cpu"
 
 
-def _build(request: dict[str, Any], calib: Calibration | None) -> dict[str, Any]:
+def _build(request: dict[str, Any], calib: Calibration | None, cancel: threading.Event | None) -> dict[str, Any]:
     from .model_child import build_in_child
 
     if calib is None:
-        return build_in_child(request)
+        return build_in_child(request, cancel)
     with tempfile.TemporaryDirectory(prefix="poolwatch-calib-") as tmp:
         pixels = Path(tmp) / "calibration.npy"
         np.save(pixels, calib.pixels)
         request["calibration"] = {"pixels": str(pixels), "hash": calib.hash, "images": calib.hashes}
-        return build_in_child(request)
+        return build_in_child(request, cancel)
 
 
 def _calibration(store: Store | None, settings: DecodeSettings,
@@ -386,7 +398,7 @@ def _calibration(store: Store | None, settings: DecodeSettings,
     return _CalibrationRef(made.hash, lambda: made)
 
 
-def _onnx_engine(config: Config, mode: Mode, calib: _CalibrationRef | None) -> Engine:
+def _onnx_engine(config: Config, mode: Mode, calib: _CalibrationRef | None, cancel: threading.Event | None) -> Engine:
     """model.onnx=: the user's own ONNX embedder on OpenVINO; its identity is the file's hash plus preprocessing."""
     from poolwatch.pipeline.openvino_engine import read_onnx, with_uint8_input
 
@@ -398,11 +410,12 @@ def _onnx_engine(config: Config, mode: Mode, calib: _CalibrationRef | None) -> E
     preprocess: dict[str, Any] = {"input_size": m.input_size, "mean": mean, "std": std, "output": m.output}
     digest = file_sha256(path)
     weights_hash = "onnx:" + hashlib.sha256(json.dumps({"file": digest, **preprocess}, sort_keys=True).encode()).hexdigest()
-    models_dir = config.shared_path / "models"
+    models_dir, root = config.shared_path / "models", artifacts_root(config)
 
     def request(ir: str) -> dict[str, Any]:
         key = artifacts.request_key(artifacts.onnx_request(digest, m.input_size, mean, std, m.output, ir))
-        return {"kind": "onnx", "key": key, "models_dir": str(models_dir), "ir": ir, "path": str(path), **preprocess}
+        return {"kind": "onnx", "key": key, "models_dir": str(models_dir), "artifacts": str(root), "ir": ir,
+                "path": str(path), **preprocess}
 
     def prepared() -> Any:
         model = read_onnx(path, m.output)
@@ -423,18 +436,18 @@ def _onnx_engine(config: Config, mode: Mode, calib: _CalibrationRef | None) -> E
 
         model = prepared()
         details = info()
-        artifact = artifacts.publish(models_dir, artifacts.artifact_name(details, req["ir"]),
+        artifact = artifacts.publish(root, artifacts.artifact_name(details, req["ir"]),
                                      lambda d: ov.save_model(model, str(d / "model.xml"), compress_to_fp16=False),
                                      {"info": details.to_json(), "ir": req["ir"], "created": time.time()})
-        artifacts.remember(models_dir, req["key"], artifact)
+        artifacts.remember(root, req["key"], artifact, details)
 
     def request_with_info(ir: str) -> dict[str, Any]:
         req = request(ir)
-        if ir != "f32" and artifacts.lookup(models_dir, req["key"]) is None:
+        if ir != "f32" and artifacts.lookup(root, req["key"]) is None:
             req["info"] = info().to_json()  # the child quantizes it
         return req
 
-    (artifact, meta), calibration_hash = _artifact(models_dir, request_with_info, calib, build_here)
+    (artifact, meta), calibration_hash = _artifact(root, request_with_info, calib, build_here, cancel)
     return OpenVINOEngine(artifact, ModelInfo.from_json(meta["info"]), replace(mode, calibration=calibration_hash))
 
 

@@ -1,5 +1,5 @@
-"""The artifact cache under `<shared_dir>/models/artifacts/`: a model exported once (OpenVINO IR with its
-preprocessing, or its int8 quantization), reused on every start without torch.
+"""The artifact cache (`<shared_dir>/models/artifacts/`, or $POOLWATCH_ARTIFACTS): a model exported once
+(OpenVINO IR with its preprocessing, or its int8 quantization), reused on every start without torch.
 
     artifacts/<name>/{model.xml, model.bin, meta.json}   one per weights hash and IR kind (f32 | int8.<calib>)
     artifacts/requests/<key>.json                        {"artifact": <name>}: what a configuration resolved to
@@ -45,32 +45,44 @@ def artifact_name(info: ModelInfo, ir: str) -> str:
     return f"{info.name.replace('/', '_').replace(':', '_')}-{info.weights_hash[:16]}-{ir}"
 
 
-def lookup(models_dir: Path, key: str) -> tuple[Path, dict[str, Any]] | None:
-    """The artifact a request resolved to and its meta, or None (never built, or removed since)."""
+def lookup(root: Path, key: str) -> tuple[Path, dict[str, Any]] | None:
+    """The artifact a request resolved to and its meta, or None (never built, or removed since). The meta's
+    `info` is the request's own: one artifact serves every request for the same weights (a checkpoint named
+    by checkpoint= and by $POOLWATCH_WEIGHTS), each with its provenance."""
     try:
-        name = json.loads((models_dir / "artifacts" / "requests" / f"{key}.json").read_text())["artifact"]
-        path = models_dir / "artifacts" / name
+        alias = json.loads((root / "requests" / f"{key}.json").read_text())
+        path = root / alias["artifact"]
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if not ((path / "model.xml").is_file() and (path / "model.bin").is_file()):
         return None
+    if isinstance(alias.get("info"), dict):
+        meta["info"] = alias["info"]
     return path, meta
 
 
-def remember(models_dir: Path, key: str, artifact: Path) -> None:
-    with replacing(models_dir / "artifacts" / "requests" / f"{key}.json", "w") as fh:
-        json.dump({"artifact": artifact.name}, fh)
+def remember(root: Path, key: str, artifact: Path, info: ModelInfo) -> None:
+    with replacing(root / "requests" / f"{key}.json", "w") as fh:
+        json.dump({"artifact": artifact.name, "info": info.to_json()}, fh)
 
 
-def publish(models_dir: Path, name: str, save: Any, meta: dict[str, Any]) -> Path:
+def _remove_orphans(root: Path) -> None:
+    """Temp dirs of builders that died (killed mid-build): `.<name>.<pid>.<random>` whose pid is gone."""
+    for path in root.glob(".*.*.*"):
+        pid = path.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def publish(root: Path, name: str, save: Any, meta: dict[str, Any]) -> Path:
     """Build an artifact with `save(dir)` (it writes model.xml and model.bin) and rename it into place."""
-    root = models_dir / "artifacts"
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
     if (final / "meta.json").is_file():
         return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    _remove_orphans(root)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", dir=root))
     try:
         save(tmp)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))

@@ -48,7 +48,8 @@ def quantize(model: Any, pixels: np.ndarray) -> Any:
 def build(request: dict[str, Any], log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Build (or find) the artifact `request` asks for; returns {"artifact": dir, "meta": ...}.
 
-    request: kind (lightly | onnx), models_dir, ir (f32 | int8.<calibration hash>), and for lightly spec + weights arguments
+    request: kind (lightly | onnx), models_dir (weights), artifacts (the cache), ir (f32 | int8.<calibration
+    hash>), and for lightly spec + weights arguments
     (checkpoint, trained, weights_file, pretrained, seed), for onnx path + input_size, mean, std, output;
     int8 also calibration = {"pixels": .npy path, "hash": ...}.
     """
@@ -56,7 +57,7 @@ def build(request: dict[str, Any], log: Callable[[str], None] = lambda line: Non
 
     from .openvino_engine import read_onnx, with_uint8_input
 
-    models_dir = Path(request["models_dir"])
+    models_dir, root = Path(request["models_dir"]), Path(request["artifacts"])
     ir = request["ir"]
     started = time.perf_counter()
     if request["kind"] == "lightly":
@@ -93,10 +94,10 @@ def build(request: dict[str, Any], log: Callable[[str], None] = lambda line: Non
     def save(directory: Path) -> None:
         ov.save_model(model, str(directory / "model.xml"), compress_to_fp16=False)
 
-    artifact = artifacts.publish(models_dir, artifacts.artifact_name(info, ir), save, meta)
+    artifact = artifacts.publish(root, artifacts.artifact_name(info, ir), save, meta)
     for key in keys:
-        artifacts.remember(models_dir, key, artifact)
-    found = artifacts.lookup(models_dir, keys[0])
+        artifacts.remember(root, key, artifact, info)
+    found = artifacts.lookup(root, keys[0])
     if found is None:
         raise RuntimeError(f"the artifact {artifact} vanished right after it was built")
     return {"artifact": str(found[0]), "meta": found[1]}

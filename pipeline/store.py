@@ -655,6 +655,7 @@ class Store:
             "reembedding": None if model is None else dict(zip(("done", "total"), self.coverage(model.id), strict=True)),
             "sampling_model_id": (self.sampling_model() or model).id if model else None,
             "datapools": self.pools(),
+            "embedding_mode": self.setting("embedding"),
             "last_run": next(({k: r[k] for k in ("id", "trigger", "status", "started", "finished", "n_candidates",
                                 "n_selected", "pool", "output_dir", "error")} for r in self.runs(1)), None),
             "model": None if model is None else {

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import openvino  # noqa: F401 - its import starts a telemetry thread pool once; before any test, so it is no leak
 import pytest
+import rich.style  # noqa: F401 - draws from `random` when first imported (lightly's imports do, during a first training)
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,21 @@ def no_thread_leaks():
             break
         time.sleep(0.05)
     assert not leaked, f"threads left running: {[t.name for t in leaked]}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_artifact_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every poolwatch process of the suite (they inherit the environment) shares one artifact cache, so a model
+    is exported once per session, not once per test. Tests of the cache itself use `own_artifact_cache`."""
+    os.environ["POOLWATCH_ARTIFACTS"] = str(tmp_path_factory.mktemp("artifacts"))
+    yield
+    os.environ.pop("POOLWATCH_ARTIFACTS", None)
+
+
+@pytest.fixture
+def own_artifact_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default cache, <shared_dir>/models/artifacts: the test sees every export it causes."""
+    monkeypatch.delenv("POOLWATCH_ARTIFACTS", raising=False)
 
 
 @pytest.fixture(autouse=True)
@@ -99,8 +115,10 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
     return inp, shared
 
 
+# embedding_precision=fp32: a store of 300 images or more would otherwise calibrate int8 and switch to it
+# (auto), seconds of work no test of another feature wants; tests/test_engine.py covers auto and int8.
 FAST = ["lightly.pre_trained=false", "lightly.loader.batch_size=32", "lightly.loader.num_workers=2",
-        "lightly.collate.input_size=32"]
+        "lightly.collate.input_size=32", "embedding_precision=fp32"]
 
 
 def make_dataset(root: Path, n_ok: int = 180, seed: int = 0) -> dict:

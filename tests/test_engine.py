@@ -26,6 +26,8 @@ TINY = ["lightly.pre_trained=false", "lightly.model.name=resnet-9",
         "lightly.model.num_ftrs=16", "lightly.collate.input_size=32", "lightly.loader.num_workers=0",
         "lightly.loader.batch_size=32"]
 
+pytestmark = pytest.mark.usefixtures("own_artifact_cache")  # these tests look at the exports they cause
+
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
@@ -156,3 +158,24 @@ def test_a_daemon_on_a_fresh_store_switches_to_int8_once_it_can_calibrate_and_ne
     assert query(shared, "SELECT COUNT(*) FROM images WHERE status = 'ok'")[0][0] == CALIBRATION_COUNT + 20
     maps = Path(f"/proc/{d.pid}/maps").read_text()
     assert "libtorch" not in maps and "openvino" in maps
+
+
+def test_a_cancelled_build_stops_the_child_at_once_and_leaves_no_artifact(tmp_path: Path) -> None:
+    """A daemon stopping while it builds (int8's calibration can take a minute) does not wait for the child."""
+    import threading
+    import time
+
+    from poolwatch.daemon.model_child import build_in_child
+    from poolwatch.pipeline.errors import ModelError
+
+    root = tmp_path / "artifacts"
+    request = {"kind": "lightly", "key": "k", "models_dir": str(tmp_path / "models"), "artifacts": str(root),
+               "ir": "f32", "spec": {"name": "resnet-9", "width": 1.0, "num_ftrs": 16, "out_dim": 128, "input_size": 32},
+               "checkpoint": None, "trained": None, "weights_file": None, "pretrained": False, "seed": 1}
+    cancel = threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+    started = time.monotonic()
+    with pytest.raises(ModelError, match="cancelled"):
+        build_in_child(request, cancel)
+    assert time.monotonic() - started < 5
+    assert not root.exists() or not [p for p in root.iterdir() if not p.name.startswith(".")]

@@ -26,6 +26,8 @@ MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]  # not the defaults: the preproces
 BASE = ["lightly.loader.num_workers=0", "check.exact_decode=true", f"model.input_size={SIZE}",
         "model.mean=[" + ",".join(map(str, MEAN)) + "]", "model.std=[" + ",".join(map(str, STD)) + "]"]
 
+pytestmark = pytest.mark.usefixtures("own_artifact_cache")  # these tests look at the exports they cause
+
 
 # ---- a minimal ONNX writer (field numbers from onnx/onnx.proto) -------------------------------------
 def _varint(n: int) -> bytes:

@@ -20,12 +20,14 @@ from threadpoolctl import threadpool_info
 from poolwatch.pipeline import coreset
 from poolwatch.pipeline.config import load_config
 from poolwatch.pipeline.coreset import kcenter
+from poolwatch.pipeline.devices import GPU_DRIVER_FILES
 from poolwatch.pipeline.train import train_simclr
 
 from .conftest import ROOT, encode, photo
 
 # The pipeline modules that neither embed nor train: none of them may need torch.
-TORCH_FREE = ["check", "decode", "store", "sampling", "report", "export", "coreset", "config", "ingest", "discover"]
+TORCH_FREE = ["check", "decode", "store", "sampling", "report", "export", "coreset", "config", "ingest", "discover",
+              "modelspec", "engine", "artifacts", "calibration", "openvino_engine", "devices"]
 
 PROBE = textwrap.dedent(
     """
@@ -66,7 +68,7 @@ def test_pipeline_imports_and_samples_without_torch() -> None:
     assert out["torch_after_import"] == [], f"importing {out['modules']} loaded {out['torch_after_import']}"
     assert out["pyplot"] is False  # the report draws through matplotlib's object API
     assert out["threads"] == 1  # nothing in the library starts a thread
-    if any(os.path.exists(path) for path in coreset._GPU_DRIVER_FILES):
+    if any(os.path.exists(path) for path in GPU_DRIVER_FILES):
         pytest.skip("a GPU driver is installed here: device='auto' rightly asks torch for the GPU")
     assert out["torch_after_run"] == [], f"device='auto' sampling loaded {out['torch_after_run']}"
 

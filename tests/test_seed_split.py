@@ -51,7 +51,9 @@ def run_stats(shared: Path, run_id: int) -> dict:
 
 
 def model_files(shared: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted((shared / "models").glob("*"))}
+    """Every file under models/: the weights and the exported artifacts."""
+    root = shared / "models"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def picks(run: dict) -> list[str]:

@@ -14,7 +14,9 @@ from lightly.utils.io import load_embeddings
 
 from .conftest import FAST, ROOT, encode, photo, run_cli
 
-TRAIN = [*FAST, "lightly.loader.batch_size=16", "lightly.trainer.max_epochs=2", "lightly.loader.num_workers=0"]
+# fp32 with exact decoding: the store's vectors are compared with lightly-embed's
+TRAIN = [*FAST, "lightly.loader.batch_size=16", "lightly.trainer.max_epochs=2", "lightly.loader.num_workers=0",
+         "embedding_precision=fp32", "check.exact_decode=true"]
 
 
 def q(db: Path, sql: str) -> list[tuple]:
