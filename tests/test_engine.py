@@ -141,7 +141,7 @@ def test_a_daemon_on_a_fresh_store_switches_to_int8_once_it_can_calibrate_and_ne
         pytest.skip("this CPU's OpenVINO has no int8: auto does not choose it")
     inp, shared = tmp_path / "in", tmp_path / "shared"
     inp.mkdir()
-    d = Daemon(tmp_path, [inp], shared, *TINY, "lightly.loader.num_workers=1")
+    d = Daemon(tmp_path, [inp], shared, *TINY, "lightly.loader.num_workers=1", "embedding_precision=auto")
     daemons.append(d)
     d.start()
     write_images(inp, [(f"a_{i:03d}.jpg", 50_000 + i) for i in range(CALIBRATION_COUNT + 20)], size=(48, 40))

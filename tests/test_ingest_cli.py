@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from .conftest import FAST, encode, make_dataset, photo, run_cli, snapshot, status_json
 
@@ -71,6 +72,7 @@ def test_changed_file_is_the_only_one_reprocessed(dirs: tuple[Path, Path]) -> No
     assert status_json(shared)["images"]["missing"] == 1
 
 
+@pytest.mark.usefixtures("own_artifact_cache")  # the weights file is written where the model is first built
 def test_random_weights_are_saved_and_vectors_identical_across_processes(dirs: tuple[Path, Path], tmp_path: Path) -> None:
     inp, shared = dirs
     make_dataset(inp, n_ok=20)
