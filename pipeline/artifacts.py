@@ -24,7 +24,7 @@ from typing import Any
 from .atomic import replacing
 from .modelspec import ModelInfo, ModelSpec, WeightsRef
 
-FORMAT = 1  # bump when the artifacts' layout or their preprocessing changes
+FORMAT = 2  # bump when the artifacts' layout or their preprocessing changes
 
 
 def lightly_request(spec: ModelSpec, ref: WeightsRef, ir: str) -> dict[str, Any]:
@@ -42,7 +42,8 @@ def request_key(request: dict[str, Any]) -> str:
 
 
 def artifact_name(info: ModelInfo, ir: str) -> str:
-    return f"{info.name.replace('/', '_').replace(':', '_')}-{info.weights_hash[:16]}-{ir}"
+    """One per weights, input size (the IR's input shape) and IR kind."""
+    return f"{info.name.replace('/', '_').replace(':', '_')}-{info.weights_hash[:16]}-{info.input_size}px-{ir}"
 
 
 def lookup(root: Path, key: str) -> tuple[Path, dict[str, Any]] | None:

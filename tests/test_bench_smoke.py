@@ -10,7 +10,8 @@ import pytest
 
 from .conftest import ROOT
 
-SCRIPTS = ["ingest.py", "decode.py", "startup.py", "latency.py", "store.py", "coreset.py", "soak.py", "load.py", "profile_embed.py"]
+SCRIPTS = ["ingest.py", "decode.py", "startup.py", "latency.py", "store.py", "coreset.py", "soak.py", "load.py",
+           "profile_embed.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

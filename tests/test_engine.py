@@ -179,3 +179,17 @@ def test_a_cancelled_build_stops_the_child_at_once_and_leaves_no_artifact(tmp_pa
         build_in_child(request, cancel)
     assert time.monotonic() - started < 5
     assert not root.exists() or not [p for p in root.iterdir() if not p.name.startswith(".")]
+
+
+def test_one_cache_keeps_the_same_weights_at_two_input_sizes_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weights of a resnet do not depend on the input size, its artifact does (the IR's input shape)."""
+    monkeypatch.setenv("POOLWATCH_ARTIFACTS", str(tmp_path / "cache"))
+    engines = {}
+    for size in (32, 48):
+        config = load_config([f"shared_dir={tmp_path / f'shared{size}'}", f"input_dir={tmp_path / 'in'}", *TINY,
+                              f"lightly.collate.input_size={size}", "embedding_precision=fp32"])
+        engines[size] = runtime.load_engine(config)
+        out = engines[size].embed(np.zeros((2, size, size, 3), dtype=np.uint8))
+        assert out.shape == (2, 16)
+    assert engines[32].info.weights_hash == engines[48].info.weights_hash
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.name != "requests"]) == 2
