@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from poolwatch.pipeline.errors import ModelError, PoolwatchError
+from poolwatch.pipeline.errors import EXIT_USAGE, BuildError, ModelError, PoolwatchError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def build_in_child(request: dict[str, Any], cancel: threading.Event | None = Non
                     break
                 except subprocess.TimeoutExpired:
                     if cancel is not None and cancel.is_set():
-                        raise ModelError("building the model's artifact was cancelled (stopping)") from None
+                        raise BuildError("building the model's artifact was cancelled (stopping)") from None
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -55,10 +55,10 @@ def build_in_child(request: dict[str, Any], cancel: threading.Event | None = Non
         try:
             result: dict[str, Any] = json.loads(res.read_text())
         except (OSError, ValueError):
-            tail = "\n".join(output.splitlines()[-15:])
-            raise ModelError(f"the model builder died (exit {proc.returncode}) without a result:\n{tail}") from None
+            tail = " / ".join(output.splitlines()[-3:])
+            raise BuildError(f"the model builder died (exit {proc.returncode}) without a result: {tail}") from None
     if "error" in result:
-        raise ModelError(result["error"])
+        raise (ModelError if result.get("exit_code") == EXIT_USAGE else BuildError)(result["error"])
     log.info("model artifact built in a child process in %.1fs: %s", time.monotonic() - started, result["artifact"])
     return result
 
@@ -73,6 +73,8 @@ def main(argv: list[str]) -> int:
         result = build(request, log=lambda line: log.info("%s", line))
     except PoolwatchError as exc:
         result = {"error": str(exc), "exit_code": exc.exit_code}
+    except OSError as exc:  # the machine's, not the model's: a full disk, a read-only models dir
+        result = {"error": f"building the model's artifact failed: {exc}", "exit_code": 1}
     except Exception as exc:  # any other failure is the model's: one line for the parent's error
         log.exception("the model builder failed")
         result = {"error": f"building the model failed: {type(exc).__name__}: {exc}"[:500], "exit_code": 2}

@@ -373,7 +373,8 @@ def _calibration(store: Store | None, settings: DecodeSettings,
     None: too few images yet."""
     from poolwatch.pipeline import calibration
 
-    recorded = store.setting("calibration") if store is not None else None
+    key = f"calibration {calibration.describe(settings)}"  # the images' pixels depend on how they are decoded
+    recorded = store.setting(key) if store is not None else None
     if store is not None and recorded and recorded.get("images"):
         images, kept = list(recorded["images"]), store
 
@@ -383,7 +384,7 @@ def _calibration(store: Store | None, settings: DecodeSettings,
                 log.warning("int8: %d of the %d images it was calibrated on are gone; calibrating again (a new model)",
                             len(images) - len(calib), len(images))
                 calib = calibration.from_store(kept, settings, CALIBRATION_COUNT)
-                kept.set_setting("calibration", {"hash": calib.hash, "images": calib.hashes})
+                kept.set_setting(key, {"hash": calib.hash, "images": calib.hashes})
             return calib
         return _CalibrationRef(str(recorded["hash"]), again)
     if store is None or store.count_ok() < CALIBRATION_COUNT:
@@ -393,7 +394,7 @@ def _calibration(store: Store | None, settings: DecodeSettings,
     if given is None or len(given) < CALIBRATION_COUNT:
         return None
     if store is not None:
-        store.set_setting("calibration", {"hash": given.hash, "images": given.hashes})
+        store.set_setting(key, {"hash": given.hash, "images": given.hashes})
     made = given
     return _CalibrationRef(made.hash, lambda: made)
 

@@ -2,8 +2,8 @@
 
 Two deterministic choices: the store's first `count` ok images in content-hash order (a store that has
 them), or the first `count` good images of a pass's plan (a one-shot ingest over a backlog, which then
-calibrates before it embeds anything, so nothing is embedded twice). The calibration's hash (over the
-chosen images' content hashes, in order) is part of the int8 model's identity.
+calibrates before it embeds anything, so nothing is embedded twice). The calibration's hash (over how the
+pixels were decoded and the chosen images' content hashes, in order) is part of the int8 model's identity.
 """
 
 from __future__ import annotations
@@ -18,15 +18,19 @@ import numpy as np
 from .decode import DecodeSettings, FileRef, read_and_decode
 from .store import Store
 
+# How model_build.quantize quantizes; part of the calibration's hash, so another scheme is another model.
+QUANTIZATION = "nncf minmax mixed"
+
 
 @dataclass
 class Calibration:
     pixels: np.ndarray  # N×s×s×3 uint8
     hashes: list[str] = field(default_factory=list)  # content hashes of the images, in order
+    decoded: str = ""  # how the pixels were made (input size, decode mode): other pixels, another calibration
 
     @property
     def hash(self) -> str:
-        return hashlib.sha256("\n".join(self.hashes).encode()).hexdigest()
+        return hashlib.sha256("\n".join([QUANTIZATION, self.decoded, *self.hashes]).encode()).hexdigest()
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -47,7 +51,11 @@ def _decode_first(refs: Iterable[FileRef], settings: DecodeSettings, count: int)
             break
     size = settings.input_size
     stacked = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), dtype=np.uint8)
-    return Calibration(stacked, hashes)
+    return Calibration(stacked, hashes, describe(settings))
+
+
+def describe(settings: DecodeSettings) -> str:
+    return f"{settings.input_size}px {'exact' if settings.exact_decode else 'scaled'} exif={settings.apply_exif}"
 
 
 def from_store(store: Store, settings: DecodeSettings, count: int) -> Calibration:
@@ -68,7 +76,7 @@ def from_hashes(store: Store, settings: DecodeSettings, hashes: Sequence[str]) -
     calib = _decode_first(refs, settings, len(hashes))
     wanted = set(hashes)
     keep = [i for i, h in enumerate(calib.hashes) if h in wanted]
-    return Calibration(calib.pixels[keep], [calib.hashes[i] for i in keep])
+    return Calibration(calib.pixels[keep], [calib.hashes[i] for i in keep], calib.decoded)
 
 
 def from_plan(refs: Sequence[FileRef], settings: DecodeSettings, count: int) -> Calibration:

@@ -102,9 +102,9 @@ class CheckSettings(_Section):
     max_pixels: StrictInt = Field(178_956_970, gt=0)
     apply_exif_orientation: StrictBool = True
     decode_timeout: Number = Field(30, ge=0)
-    # null: the store's recorded decode mode (a store made before scaled decoding: exact), new stores false.
+    # null: the store's recorded decode mode (new stores: exact, see engine.AUTO_EXACT_DECODE).
     # true: lightly-embed's full decode + resize (its pixels exactly); false: JPEGs decoded DCT-scaled to the
-    # smallest size >= the model input. The decode mode is part of the model's identity.
+    # smallest size >= the model input (faster). The decode mode is part of the model's identity.
     exact_decode: StrictBool | None = None
 
 

@@ -32,3 +32,9 @@ class StateError(PoolwatchError):
     """The system is not in the state the command needs (no running daemon, a store without a model)."""
 
     exit_code = EXIT_FAILED
+
+
+class BuildError(PoolwatchError):
+    """Building a model's artifact failed for a reason that is not the model's (a full disk, a killed child)."""
+
+    exit_code = EXIT_FAILED

@@ -75,12 +75,12 @@ def test_each_mode_agrees_with_torch_fp32_within_its_documented_bound(tmp_path: 
 
 
 @pytest.mark.parametrize(("stored", "current", "configured", "runs", "expected"), [
-    (None, None, "auto", {"fp32", "bf16", "int8"}, ("int8", False)),  # a new store decides once
-    (None, None, "auto", {"fp32"}, ("fp32", False)),
+    (None, None, "auto", {"fp32", "bf16", "int8"}, ("bf16", True)),  # a new store decides once
+    (None, None, "auto", {"fp32", "int8"}, ("fp32", True)),  # int8 fails the quality rule: never auto's
     (None, {"name": "resnet-18"}, "auto", {"fp32", "bf16", "int8"}, ("fp32", True)),  # a store made before modes
     (None, {"name": "resnet-18", "precision": "bf16"}, "auto", {"fp32", "bf16", "int8"}, ("bf16", True)),
     ({"precision": "int8", "exact_decode": False}, None, "auto", {"fp32", "bf16", "int8"}, ("int8", False)),
-    ({"precision": "bf16", "exact_decode": False}, None, "auto", {"fp32", "int8"}, ("int8", False)),  # moved: no bf16
+    ({"precision": "bf16", "exact_decode": False}, None, "auto", {"fp32", "int8"}, ("fp32", False)),  # moved: no bf16
     ({"precision": "int8", "exact_decode": False}, None, "fp32", {"fp32", "bf16", "int8"}, ("fp32", False)),  # explicit
 ])
 def test_the_store_keeps_its_mode(stored: dict | None, current: dict | None, configured: str, runs: set[str],
@@ -129,7 +129,7 @@ def test_a_store_made_before_modes_is_not_reembedded_and_a_cached_start_imports_
 
 def test_a_daemon_on_a_fresh_store_switches_to_int8_once_it_can_calibrate_and_never_loads_torch(
         tmp_path: Path, daemons: list) -> None:
-    """`auto` on a fresh store: the daemon embeds in the best mode that needs no calibration (bf16 here, when
+    """int8 on a fresh store: the daemon embeds in the best mode that needs no calibration (bf16 here, when
     the CPU runs it), and once it holds CALIBRATION_COUNT ok images it calibrates int8 on them and switches,
     re-embedding what it stored so far in the background. Exports and the quantization run in the model
     builder's child: the daemon process itself never maps libtorch."""
@@ -138,10 +138,10 @@ def test_a_daemon_on_a_fresh_store_switches_to_int8_once_it_can_calibrate_and_ne
     from .test_daemon import Daemon, query, wait_for, write_images
 
     if not runnable("int8"):
-        pytest.skip("this CPU's OpenVINO has no int8: auto does not choose it")
+        pytest.skip("this CPU's OpenVINO has no int8")
     inp, shared = tmp_path / "in", tmp_path / "shared"
     inp.mkdir()
-    d = Daemon(tmp_path, [inp], shared, *TINY, "lightly.loader.num_workers=1", "embedding_precision=auto")
+    d = Daemon(tmp_path, [inp], shared, *TINY, "lightly.loader.num_workers=1", "embedding_precision=int8")
     daemons.append(d)
     d.start()
     write_images(inp, [(f"a_{i:03d}.jpg", 50_000 + i) for i in range(CALIBRATION_COUNT + 20)], size=(48, 40))
@@ -166,7 +166,7 @@ def test_a_cancelled_build_stops_the_child_at_once_and_leaves_no_artifact(tmp_pa
     import time
 
     from poolwatch.daemon.model_child import build_in_child
-    from poolwatch.pipeline.errors import ModelError
+    from poolwatch.pipeline.errors import BuildError
 
     root = tmp_path / "artifacts"
     request = {"kind": "lightly", "key": "k", "models_dir": str(tmp_path / "models"), "artifacts": str(root),
@@ -175,7 +175,7 @@ def test_a_cancelled_build_stops_the_child_at_once_and_leaves_no_artifact(tmp_pa
     cancel = threading.Event()
     threading.Timer(0.5, cancel.set).start()
     started = time.monotonic()
-    with pytest.raises(ModelError, match="cancelled"):
+    with pytest.raises(BuildError, match="cancelled"):
         build_in_child(request, cancel)
     assert time.monotonic() - started < 5
     assert not root.exists() or not [p for p in root.iterdir() if not p.name.startswith(".")]

@@ -32,6 +32,7 @@ EXPECTED = {
     "LockedError": 1,
     "InputDirError": 1,
     "StartError": 1,
+    "BuildError": 1,
 }
 
 

@@ -64,6 +64,7 @@ def test_disk_full_fails_the_run_cleanly_and_the_next_one_succeeds(tmp_path: Pat
 
 
 @needs_root
+@pytest.mark.usefixtures("own_artifact_cache")  # the model's export is among what does not fit
 def test_disk_full_leaves_no_temp_file_and_the_retry_succeeds(tmp_path: Path, small_disk: Path) -> None:
     inp, shared = tmp_path / "in", small_disk / "shared"
     images(inp, 3)
