@@ -89,8 +89,9 @@ def poolwatch_ingest(folder: Path, shared: Path, work: Path, batch: int, workers
     return wall, rss, json.loads(out.strip().splitlines()[-1])
 
 
-def model_only(shared: Path, folder: Path, extra: list[str], batch: int, rounds: int = 5) -> float:
-    """The variant's engine alone (its cached artifact) on batches of photo pixels: images/s, median of `rounds`."""
+def model_only(shared: Path, folder: Path, extra: list[str], batch: int, rounds: int = 5) -> tuple[float, bool]:
+    """The variant's engine alone (its cached artifact) on batches of photo pixels: images/s, median of `rounds`;
+    and whether it decodes exactly (the store's decode mode, which `auto` decides)."""
     import numpy as np
 
     from poolwatch.daemon import runtime
@@ -108,7 +109,7 @@ def model_only(shared: Path, folder: Path, extra: list[str], batch: int, rounds:
         t = time.perf_counter()
         engine.embed(x)
         times.append(time.perf_counter() - t)
-    return batch / statistics.median(times)
+    return batch / statistics.median(times), engine.exact_decode
 
 
 def decode_only(paths: list[Path], workers: int, input_size: int, exact: bool) -> float:
@@ -132,6 +133,7 @@ VARIANTS = {
     "fp32 + exact decode (lightly-embed's vectors)": ["embedding_precision=fp32", "check.exact_decode=true"],
     "bf16": ["embedding_precision=bf16"],
     "int8": ["embedding_precision=int8"],
+    "fastest (int8, scaled decode)": ["embedding_precision=int8", "check.exact_decode=false"],
     "torch fp32 (the previous engine)": ["model.runtime=torch", "embedding_precision=fp32", "check.exact_decode=true"],
 }
 
@@ -165,8 +167,9 @@ def bench_set(label: str, folder: Path, paths: list[Path], work: Path, args: arg
             pw[v].append(n / wall)
             eff[v].append(summary["compute_efficiency"])
             rss[v] = max(rss[v], mem)
-            model[v].append(model_only(shared[v], folder, extra, args.batch))
-            dec[v].append(decode_only(paths, args.workers, 64, "check.exact_decode=true" in extra))
+            rate, exact = model_only(shared[v], folder, extra, args.batch)
+            model[v].append(rate)
+            dec[v].append(decode_only(paths, args.workers, 64, exact))
     print(f"\n## {label}: {n} files, batch {args.batch}, {args.workers} decode workers, {args.repeat} rounds (medians)")
     print("| what | images/s end to end | vs lightly-embed | vs fastdup | model-only | decode-only | vs its limit | "
           "compute efficiency | peak RSS MB | first start (export, quantization) s |")

@@ -5,7 +5,8 @@
     nice -n 10 .venv/bin/python bench/precision_quality.py --checkpoint /tmp/pq.ckpt   # trains once, then reuses it
     .venv/bin/python bench/precision_quality.py --smoke                              # a minute: keeps the script working
 
-`auto` picks the fastest CPU mode (int8, then bf16, then fp32; pipeline/engine.py AUTO_CPU) that meets:
+`auto` picks the fastest CPU mode that meets this rule (pipeline/engine.py AUTO_CPU; measured here: bf16 with
+exact decoding, where the CPU runs bf16, else fp32):
 
   (a) coreset: the greedy k-center picks made in that mode's vectors, scored in fp32 space (coverage radius =
       max over all images of the fp32 distance to the nearest pick), give a radius at most 2 % above the
@@ -36,11 +37,10 @@ Modes, each through poolwatch's own code paths (`daemon.runtime.load_engine` wit
 `embedding_precision`, `check.exact_decode`, a Store of its own and, for int8, a calibration of the first
 300 crops by content hash via `pipeline.calibration.from_plan`, as a store calibrates): the reference torch
 fp32 with exact decode (`model.runtime=torch`), then OpenVINO fp32, bf16 and int8, each with exact decode
-and with scaled decode (the default for new stores: JPEGs decoded DCT-scaled, `read_and_decode` with
+and with scaled decode (`check.exact_decode=false`: JPEGs decoded DCT-scaled, `read_and_decode` with
 `exact_decode=False`). Pixels come from `pipeline.decode.read_and_decode` with the config's `decode_settings`.
 Each decode mode has an artifact cache of its own (<workdir>/shared/{exact,scaled}; $POOLWATCH_ARTIFACTS is
-ignored): int8's artifact is found by its calibration's hash, which names the images and not their decode, so in
-one cache the scaled int8 store would reuse the exact one's quantization. Coresets:
+ignored; the calibration's hash now also covers the decode mode). Coresets:
 `pipeline.coreset.kcenter(device="cpu", seed=0)`, so the first pick is the same in every mode. Context row: the
 reference's own radius with other first picks (seeds 1-5), i.e. how much the greedy's radius moves for reasons
 that have nothing to do with precision.

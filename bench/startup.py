@@ -64,12 +64,13 @@ def main() -> None:
             make_jpegs(backlog, 320, (160, 120))
             t = time.perf_counter()
             proc = subprocess.run([str(Path(sys.executable).parent / "poolwatch"), "ingest", f"input_dir={backlog}",
-                                   f"shared_dir={shared8}", "lightly.pre_trained=false", "--log-level", "WARNING", *extra],
+                                   f"shared_dir={shared8}", "lightly.pre_trained=false", "embedding_precision=int8",
+                                   "--log-level", "WARNING", *extra],
                                   capture_output=True, text=True)
             assert proc.returncode == 0, proc.stderr[-2000:]
             print(f"int8 first start, `poolwatch ingest` over 320 files (calibrate on 300, quantize, embed): "
                   f"{time.perf_counter() - t:.1f} s in all")
-            seconds, mem, torch = ready_seconds(backlog, shared8, extra)
+            seconds, mem, torch = ready_seconds(backlog, shared8, [*extra, "embedding_precision=int8"])
             print(f"int8 store, start with the artifact cached: {seconds:.2f} s to ready, RSS {mem.get('VmRSS', 0):.0f} MB, "
                   f"libtorch mapped: {torch}")
     finally:
