@@ -307,7 +307,7 @@ def test_onnx_model_in_int8(embedder: Path, tmp_path: Path) -> None:
     model, vectors = stored_vectors(shared)
     assert model["source"] == "onnx" and model["arch"]["precision"] == "int8" and model["dim"] == 12
     with sqlite3.connect(shared / "poolwatch.db") as conn:
-        calibration = json.loads(conn.execute("SELECT value FROM settings WHERE key = 'calibration'").fetchone()[0])
+        calibration = json.loads(conn.execute("SELECT value FROM settings WHERE key LIKE 'calibration %'").fetchone()[0])
     assert len(calibration["images"]) == CALIBRATION_COUNT
     assert model["weights_hash"].startswith("onnx:") and model["weights_hash"].endswith(f"+int8.{calibration['hash'][:12]}")
     assert model["arch"]["calibration"] == calibration["hash"]
