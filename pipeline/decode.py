@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .check import Reason, Verdict, content_hash, inspect_image
+from .quality import Quality, measure
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,11 @@ class DecodeSettings:
     exact_decode: True gives lightly-embed's pixels exactly (full decode, then the bilinear resize); False
     decodes a JPEG DCT-scaled to the smallest size >= input_size on both axes before the same resize (other
     formats in full): 2.5-3.5x faster on 640x480-1920x1080 photos at input 64, pixels close (docs/BENCHMARKS.md).
+
+    measure_quality: the quality signals (pipeline/quality.py) of every ok image, from the decoded image before
+    the resize, at the scale it was decoded at. With exact_decode=False a JPEG is DCT-scaled near input_size
+    (1920x1080 at 64: 240x135), where sharpness barely tells a blurred photo from a sharp one (8 of 63 copies
+    blurred by 0.5 % of the long side flagged blurry, against 63 at full decode; bench/quality_thresholds.py).
     """
 
     input_size: int = 64
@@ -43,6 +49,7 @@ class DecodeSettings:
     check_corruptness: bool = True
     apply_exif: bool = True
     exact_decode: bool = False
+    measure_quality: bool = True
 
 
 @dataclass
@@ -51,6 +58,7 @@ class Decoded:
     verdict: Verdict | None  # None: the file vanished before it could be read
     hash: str | None = None
     pixels: np.ndarray | None = None
+    quality: Quality | None = None  # with DecodeSettings.measure_quality, for an ok image
 
 
 def preprocess(image: Image.Image, input_size: int) -> np.ndarray:
@@ -78,8 +86,10 @@ def read_and_decode(ref: FileRef, settings: DecodeSettings) -> Decoded:
         check_corruptness=settings.check_corruptness, apply_exif=settings.apply_exif,
         scale_to=None if settings.exact_decode else settings.input_size,
     )
-    pixels = preprocess(image, settings.input_size) if image is not None else None
-    return Decoded(ref, verdict, content_hash(data), pixels)
+    if image is None:
+        return Decoded(ref, verdict, content_hash(data))
+    quality = measure(image) if settings.measure_quality else None
+    return Decoded(ref, verdict, content_hash(data), preprocess(image, settings.input_size), quality)
 
 
 def collect(future: Future[Decoded], ref: FileRef) -> Decoded:
