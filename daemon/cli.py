@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p = sub.add_parser("status", parents=[common], help="counts, model and pools of the store")
     p.add_argument("--json", action="store_true", help="print as JSON")
+    p = sub.add_parser("near-duplicates", parents=[common], help="list the near-duplicate groups of the store")
+    p.add_argument("--json", action="store_true", help="print as JSON: [{original, duplicates: [{path, distance}]}]")
     sub.add_parser("sanity-check", parents=[common], help="check install, torch, model, store and dirs")
     p = sub.add_parser("sample", parents=[common], help="ingest the input dirs, then one sampling run")
     p.add_argument("--json", action="store_true", help="print the run's summary as JSON")
@@ -125,7 +127,8 @@ def cmd_ingest(config: Config, args: argparse.Namespace) -> int:
     rate = summary.processed / summary.seconds if summary.seconds > 0 else 0.0
     data = {
         "discovered": summary.discovered, "processed": summary.processed, "ok": summary.ok,
-        "corrupt": summary.corrupt, "duplicate": summary.duplicate, "missing": summary.missing,
+        "corrupt": summary.corrupt, "duplicate": summary.duplicate, "near_duplicate": summary.near_duplicate,
+        "missing": summary.missing,
         "forward_passes": summary.forward_passes, "seconds": round(summary.seconds, 3),
         "images_per_second": round(rate, 2), "compute_efficiency": round(summary.compute_efficiency, 4),
         "outages": summary.outages,
@@ -134,7 +137,8 @@ def cmd_ingest(config: Config, args: argparse.Namespace) -> int:
         print(json.dumps(data))
     else:
         print(f"ingested {summary.processed} of {summary.discovered} files in {summary.seconds:.1f}s "
-              f"({rate:.1f} img/s): {summary.ok} ok, {summary.corrupt} corrupt, {summary.duplicate} duplicate, "
+              f"({rate:.1f} img/s): {summary.ok} ok ({summary.near_duplicate} near duplicates), {summary.corrupt} corrupt, "
+              f"{summary.duplicate} duplicate, "
               f"{summary.missing} newly missing; {summary.forward_passes} forward passes, "
               f"compute efficiency {summary.compute_efficiency:.2f}")
     return EXIT_FAILED if summary.outages and summary.discovered == 0 else EXIT_OK
@@ -164,12 +168,17 @@ def ingest_once(config: Config) -> PassSummary:
 
     from poolwatch.pipeline.ingest import activate_model, ingest_pass
 
+    from .near_check import log_calibrated, open_near
+
     store = open_store(config)
     embedder = runtime.load_engine(config, calibrate=_first_images(config, store), store=store)
     executor = runtime.decode_executor(config)
     bar = tqdm(total=0, unit="img", disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    near = None
     try:
         model_id = activate_model(store, embedder)
+        near = open_near(store, model_id, config)
+        calibrated_before = near.calibration if near is not None else None
         log.info("ingest pass over %s into %s", ", ".join(map(str, config.input_paths)), config.store_path)
 
         def on_plan(n: int) -> None:
@@ -183,8 +192,10 @@ def ingest_once(config: Config) -> PassSummary:
         summary = ingest_pass(
             store, embedder, model_id, config.input_paths, runtime.decode_settings(config, embedder), config.batch_size,
             executor=executor, remove_duplicates=config.remove_exact_duplicates,
-            ignore_patterns=config.watch.ignore_patterns, on_plan=on_plan, on_batch=on_batch,
+            ignore_patterns=config.watch.ignore_patterns, on_plan=on_plan, on_batch=on_batch, near=near,
         )
+        if near is not None and near.calibration is not None and calibrated_before is None:
+            log_calibrated(model_id, near.calibration, near.backfilled)
         dropped = store.drop_old_vectors()
         if dropped:
             log.info("every image has a vector of model %d now; %d vectors of older models removed", model_id, dropped)
@@ -192,6 +203,8 @@ def ingest_once(config: Config) -> PassSummary:
         bar.close()
         if executor is not None:
             executor.shutdown()
+        if near is not None:
+            near.close()
         store.close()
     for outage in summary.outages:
         log.error("input directory outage: %s (its images keep their state)", outage)
@@ -204,6 +217,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     with open_store(config) as store:
         data = store.summary()
         data["store"] = str(config.store_path)
+        data.update(verdict_summary(store, config))
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
@@ -228,12 +242,82 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
             print("        WARNING: random weights; set checkpoint= or enable_training=true for meaningful embeddings")
     else:
         print("model   none yet")
+    near = data["near_duplicates"]
+    if near["threshold"] is not None:
+        how = f"calibrated on {near['calibration']['images']} images: {near['calibration']['rule']}" \
+            if near["calibration"] else "set by near_duplicate.threshold"
+        print(f"near    {near['images']} near duplicates in {near['groups']} groups; threshold {near['threshold']:.4g} ({how})")
+    else:
+        print(f"near    {near['state']}")
+    if any(data["quality"].values()):
+        print("quality " + ", ".join(f"{flag} {n}" for flag, n in data["quality"].items() if n))
+        for flag, worst in data["quality_worst"].items():
+            column = config.quality.rules()[flag][0]
+            print(f"        worst {flag}: " + ", ".join(f"{w['path']} ({column} {w['value']:.3g})" for w in worst))
     for pool, size in data.get("datapools", {}).items():
         print(f"pool    {pool}: {size} members")
     run = data.get("last_run")
     if run:
         print(f"run     last: {run['id']} ({run['trigger']}, {run['status']}), selected {run['n_selected']} of "
               f"{run['n_candidates']}, {run['output_dir'] or run['error']}")
+    return EXIT_OK
+
+
+WORST_EXAMPLES = 3  # per quality flag, in `poolwatch status`
+
+
+def verdict_summary(store: Store, config: Config) -> dict[str, Any]:
+    """The near-duplicate and quality part of `poolwatch status`."""
+    from poolwatch.pipeline.export import Naming
+    from poolwatch.pipeline.near_duplicates import effective_threshold, recorded_calibration
+    from poolwatch.pipeline.near_threshold import MIN_IMAGES
+
+    model = store.current_model()
+    calibration = recorded_calibration(store, model.id, config.normalize_embeddings) if model is not None else None
+    threshold = effective_threshold(config, calibration)
+    groups = store.near_duplicate_groups()
+    if config.near_duplicate.threshold == -1:
+        state = "off (near_duplicate.threshold=-1)"
+    elif threshold is None:
+        state = f"threshold auto: calibrated once the store holds {MIN_IMAGES} images of the current model"
+    else:
+        state = "on"
+    naming = Naming.for_roots([str(p) for p in config.input_paths])
+    rules = config.quality.rules()
+    worst: dict[str, list[dict[str, Any]]] = {}
+    for flag, rule in rules.items():
+        found = store.worst_quality(rule, WORST_EXAMPLES)
+        if found:
+            worst[flag] = [{"path": naming.name(root, rel), "value": value} for _i, root, rel, value in found]
+    return {
+        "near_duplicates": {
+            "state": state, "threshold": threshold,
+            "calibration": calibration.as_dict() if calibration is not None and config.near_duplicate.threshold == "auto"
+            else None,
+            "images": sum(len(copies) for _o, copies in groups), "groups": len(groups),
+        },
+        "quality": store.quality_counts(rules),
+        "quality_worst": worst,
+    }
+
+
+def cmd_near_duplicates(config: Config, args: argparse.Namespace) -> int:
+    from poolwatch.pipeline.export import Naming
+    from poolwatch.pipeline.sampling import near_duplicate_groups
+
+    if not config.store_path.exists():
+        raise UsageError(f"no store at {config.store_path}; run `poolwatch ingest` first (or set shared_dir=)")
+    with open_store(config) as store:
+        groups = near_duplicate_groups(store, Naming.for_roots([str(p) for p in config.input_paths]))
+    if args.json:
+        print(json.dumps(groups, indent=1, ensure_ascii=False))
+        return EXIT_OK
+    if not groups:
+        print("no near duplicates")
+    for group in groups:
+        print(group["original"])
+        for dup in group["duplicates"]:
+            print(f"  {dup['distance']:.4f}  {dup['path']}")
     return EXIT_OK
 
 
@@ -504,6 +588,7 @@ def cmd_trigger(config: Config, args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "ingest": cmd_ingest,
     "status": cmd_status,
+    "near-duplicates": cmd_near_duplicates,
     "sample": cmd_sample,
     "datapool": cmd_datapool,
     "config": cmd_config,

@@ -85,6 +85,7 @@ def decode_settings(config: Config, engine: Engine | None = None) -> DecodeSetti
         max_pixels=config.check.max_pixels,
         check_corruptness=config.enable_corruptness_check,
         apply_exif=config.check.apply_exif_orientation,
+        measure_quality=config.quality.measure,
     )
 
 

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 from poolwatch.pipeline.config import Config
 from poolwatch.pipeline.decode import FileRef
 from poolwatch.pipeline.discover import decide
-from poolwatch.pipeline.ingest import MAX_EMBED_ATTEMPTS, InFlight, commit_batch, start_decoding
+from poolwatch.pipeline.ingest import MAX_EMBED_ATTEMPTS, BatchResult, InFlight, commit_batch, start_decoding
+from poolwatch.pipeline.near_duplicates import NearDuplicates
+from poolwatch.pipeline.quality import flags_of
+from poolwatch.pipeline.sources import source_of
 from poolwatch.pipeline.store import Store
 
 from .component import ThreadComponent
@@ -26,6 +29,7 @@ from .decode_pool import DecodeWorkers
 from .ingest_queue import IngestQueue, Item
 from .metrics import Metrics
 from .models import ModelManager, ModelState
+from .near_check import log_calibrated, open_near
 from .runtime import decode_settings, release_free_memory
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,8 @@ class Worker(ThreadComponent):
         self.last_progress = time.monotonic()
         self.busy = False
         self.batches = 0
+        self.near: NearDuplicates | None = None
+        self._near_key: tuple[int, bool, bool] | None = None  # (model, normalised, on) the check was opened for
 
     def stalled(self) -> bool:
         return self.busy and time.monotonic() - self.last_progress > STALL_SECONDS
@@ -96,6 +102,10 @@ class Worker(ThreadComponent):
             if pending is not None:
                 self._finish(store, pending, self.settings())
         finally:
+            if self.near is not None:
+                self.near.close()
+                self.near = None
+                self._near_key = None
             store.close()
 
     def _prepare(self, store: Store, items: list[Item], model_id: int) -> list[FileRef]:
@@ -129,14 +139,44 @@ class Worker(ThreadComponent):
                     refs += [r for r in found if r.relpath not in revived]
         return refs
 
+    def _near_check(self, store: Store, model: ModelState, cfg: Config) -> NearDuplicates | None:
+        """The near-duplicate check of the batch's model, (re)opened when the model or the configuration changed it."""
+        key = (model.model_id, cfg.normalize_embeddings, cfg.near_duplicate.threshold != -1)
+        if key != self._near_key:
+            if self.near is not None:
+                self.near.close()
+            self.near, self._near_key = open_near(store, model.model_id, cfg), key
+        if self.near is not None:
+            self.near.configure(cfg)
+        return self.near
+
     def _finish(self, store: Store, batch: _Batch, cfg: Config) -> None:
         start = time.perf_counter()
         decoded = batch.in_flight.collect()
-        result = commit_batch(store, batch.model.embedder, batch.model.model_id, decoded, cfg.remove_exact_duplicates)
+        near = self._near_check(store, batch.model, cfg)
+        result = commit_batch(store, batch.model.embedder, batch.model.model_id, decoded, cfg.remove_exact_duplicates,
+                              near=near)
         seconds = time.perf_counter() - start
         self.batches += 1
+        self._count(result, cfg, near, len(decoded), seconds)
+        if near is not None:
+            # This batch may be the one that makes the store large enough to calibrate the threshold on.
+            model = batch.model
+            calibration = near.ensure_calibrated(store, model.embedder, decode_settings(cfg, model.embedder))
+            if calibration is not None:
+                log_calibrated(model.model_id, calibration, near.backfilled)
+                self.metrics.near_duplicate_threshold.set(calibration.threshold)
+            near.save_if_due()
+        if result.embed_failures:
+            log.warning("the model failed on %d image(s) of a batch; they are retried (at most %d attempts)",
+                        len(result.embed_failures), MAX_EMBED_ATTEMPTS)
+        log.debug("batch of %d: %d ok (%d near duplicates), %d corrupt, %d duplicate in %.3fs (compute %.3fs)",
+                  len(decoded), result.ok, result.near_duplicate, result.corrupt, result.duplicate, seconds,
+                  result.compute_seconds)
+
+    def _count(self, result: BatchResult, cfg: Config, near: NearDuplicates | None, files: int, seconds: float) -> None:
         m = self.metrics
-        m.observe_batch(len(decoded), seconds, result.compute_seconds)
+        m.observe_batch(files, seconds, result.compute_seconds)
         m.ingested.labels("ok").inc(result.ok)
         m.ingested.labels("corrupt").inc(result.corrupt)
         m.ingested.labels("duplicate").inc(result.duplicate)
@@ -144,8 +184,13 @@ class Worker(ThreadComponent):
         m.missing.inc(result.vanished)
         for reason, n in result.corrupt_reasons.items():
             m.corrupt.labels(reason).inc(n)
-        if result.embed_failures:
-            log.warning("the model failed on %d image(s) of a batch; they are retried (at most %d attempts)",
-                        len(result.embed_failures), MAX_EMBED_ATTEMPTS)
-        log.debug("batch of %d: %d ok, %d corrupt, %d duplicate in %.3fs (compute %.3fs)", len(decoded), result.ok,
-                  result.corrupt, result.duplicate, seconds, result.compute_seconds)
+        thresholds = cfg.quality.flag.model_dump()
+        for o in result.outcomes:
+            flags = flags_of(o.quality, thresholds) if o.quality is not None and o.verdict != "corrupt" else []
+            m.record_source(source_of(o.root, o.relpath, cfg.source.depth), o.verdict, flags, o.novelty)
+        if near is not None:
+            m.near_duplicate_threshold.set(-1 if near.threshold is None else near.threshold)
+            m.near_index_vectors.set(len(near.index))
+            m.near_lookup_seconds.observe(result.near_seconds)
+        else:
+            m.near_duplicate_threshold.set(-1)

@@ -36,6 +36,7 @@ from pydantic import (
 )
 
 from .errors import UsageError
+from .quality import DEFAULT_THRESHOLDS, FLAGS
 
 MASK = "***"
 LIGHTLY_MODELS = ("resnet-9", "resnet-18", "resnet-34", "resnet-50", "resnet-101", "resnet-152")
@@ -158,6 +159,50 @@ class StoreSettings(_Section):
     busy_timeout: Number = Field(30, ge=0)
 
 
+class NearDuplicateSettings(_Section):
+    # auto: calibrated per model on the store's own images (pipeline/near_threshold.py); a distance >= 0 overrides
+    # it; -1: no near-duplicate check.
+    threshold: Literal["auto"] | Number = "auto"
+    exclude_from_candidates: StrictBool = True
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v: str | float) -> str | float:
+        if v == "auto" or v == -1 or (not isinstance(v, str) and v >= 0):
+            return v
+        raise ValueError("allowed: auto, a distance >= 0, or -1 (off)")
+
+
+class QualityThresholds(_Section):
+    """The flag thresholds (pipeline/quality.FLAGS says which signal and which side; -1 turns a flag off)."""
+
+    blurry: Number = DEFAULT_THRESHOLDS["blurry"]
+    dark: Number = DEFAULT_THRESHOLDS["dark"]
+    bright: Number = DEFAULT_THRESHOLDS["bright"]
+    low_information: Number = DEFAULT_THRESHOLDS["low_information"]
+    odd_aspect: Number = DEFAULT_THRESHOLDS["odd_aspect"]
+
+
+QualityFlag = Literal["blurry", "dark", "bright", "low_information", "odd_aspect"]
+
+
+class QualitySettings(_Section):
+    measure: StrictBool = True
+    flag: QualityThresholds = Field(default_factory=QualityThresholds)
+    exclude: list[QualityFlag] = Field(default_factory=list)
+
+    def rules(self) -> dict[str, tuple[str, str, float]]:
+        """flag -> (signal, "<" or ">", threshold) for every flag that is on."""
+        thresholds = self.flag.model_dump()
+        return {flag: (column, op, float(thresholds[flag])) for flag, (column, op) in FLAGS.items()
+                if thresholds[flag] != -1}
+
+
+class SourceSettings(_Section):
+    depth: Literal[0, 1] = 0
+    max_sources: StrictInt = Field(64, gt=0)
+
+
 class ModelSettings(_Section):
     """poolwatch's own model options (lightly's architecture keys stay under `lightly.model`).
 
@@ -230,6 +275,9 @@ class Config(_Section):
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    near_duplicate: NearDuplicateSettings = Field(default_factory=NearDuplicateSettings)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
+    source: SourceSettings = Field(default_factory=SourceSettings)
     lightly: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("token", mode="before")

@@ -25,22 +25,38 @@ from .store import ImageRecord, Store, vector_hash
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .near_duplicates import NearDuplicates
+    from .quality import Quality
 
 MAX_EMBED_ATTEMPTS = 3  # the model failing on one image this often makes it `corrupt` (reason embed_error)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One image's verdict in a batch, for per-source counts: ok, near_duplicate, duplicate or corrupt."""
+
+    root: str
+    relpath: str
+    verdict: str
+    quality: Quality | None = None
+    novelty: float | None = None  # distance to the datapool (or to the nearest stored image): see near_duplicates
 
 
 @dataclass
 class BatchResult:
     files: int = 0
-    ok: int = 0
+    ok: int = 0  # near duplicates included: they are `ok` images with a link
     corrupt: int = 0
     duplicate: int = 0
+    near_duplicate: int = 0
     vanished: int = 0
+    outcomes: list[Outcome] = field(default_factory=list)
     corrupt_reasons: dict[str, int] = field(default_factory=dict)
     embed_failures: dict[int, str] = field(default_factory=dict)  # batch position -> error, images left pending
     decode_seconds: float = 0.0  # waiting for decoded input in the caller's thread
     compute_seconds: float = 0.0  # model forward
     store_seconds: float = 0.0
+    near_seconds: float = 0.0  # near-duplicate lookup
     total_seconds: float = 0.0
 
     @property
@@ -83,17 +99,21 @@ def decode_batches(refs: Sequence[FileRef], settings: DecodeSettings, batch_size
 
 
 def commit_batch(store: Store, embedder: Engine, model_id: int, decoded: Sequence[Decoded],
-                 remove_duplicates: bool = True, clock: Callable[[], float] = time.perf_counter) -> BatchResult:
-    """Embed the batch's good images (skipping content duplicates) and record all of it in ONE transaction."""
+                 remove_duplicates: bool = True, clock: Callable[[], float] = time.perf_counter,
+                 near: NearDuplicates | None = None) -> BatchResult:
+    """Embed the batch's good images (skipping content duplicates), look their near duplicates up (`near`), and
+    record all of it in ONE transaction; then hand the new vectors to `near`'s index."""
     result = BatchResult(files=len(decoded))
     batch_hashes: dict[str, int] = {}  # hash -> position of its first ok image in this batch
     dup_of_pos: dict[int, int | str] = {}  # position -> image id (store) or "pos:<i>" (batch)
+    rows: dict[int, dict[str, Any] | None] = {}  # position -> the file's row before this batch
     to_embed: list[int] = []
     for pos, d in enumerate(decoded):
         if d.verdict is None or not d.verdict.ok:
             continue
+        rows[pos] = row = store.image_by_path(d.ref.root, d.ref.relpath)
         if remove_duplicates and d.hash is not None:
-            original = store.first_ok_with_hash(d.hash, exclude_id=_existing_id(store, d.ref))
+            original = store.first_ok_with_hash(d.hash, exclude_id=int(row["id"]) if row else None)
             if original is not None:
                 dup_of_pos[pos] = original
                 continue
@@ -108,9 +128,20 @@ def commit_batch(store: Store, embedder: Engine, model_id: int, decoded: Sequenc
     result.compute_seconds = clock() - t0
     result.embed_failures = failed
 
+    # Images seen before with the same bytes (re-embedded for a new model) keep their links; the others are looked up.
+    def same_content(pos: int) -> bool:
+        row = rows.get(pos)
+        return row is not None and row["status"] == "ok" and row["hash"] == decoded[pos].hash
+
+    lookup = near.lookup(store, {p: v for p, v in vector_of.items() if not same_content(p)},
+                         {p: int(r["id"]) for p, r in rows.items() if r is not None}) if near is not None else None
+    result.near_seconds = lookup.seconds if lookup is not None else 0.0
+
     t1 = clock()
+    committed: list[tuple[int, np.ndarray]] = []
     with store.transaction():
         ids: dict[int, int] = {}
+        ok_id: dict[int, int] = {}  # position -> the ok image that stands for it (itself, or its exact original)
         batch_vhash: dict[str, int] = {}
         for pos, d in enumerate(decoded):
             v = d.verdict
@@ -118,11 +149,14 @@ def commit_batch(store: Store, embedder: Engine, model_id: int, decoded: Sequenc
                 result.vanished += store.mark_missing(d.ref.root, [d.ref.relpath])
                 continue
             base = ImageRecord(root=d.ref.root, relpath=d.ref.relpath, size=d.ref.size, mtime_ns=d.ref.mtime_ns,
-                               hash=d.hash, status="ok", width=v.width, height=v.height, format=v.format)
+                               hash=d.hash, status="ok", width=v.width, height=v.height, format=v.format,
+                               quality=d.quality.as_dict() if d.quality is not None else None)
+            outcome = Outcome(d.ref.root, d.ref.relpath, "corrupt", d.quality)
             if not v.ok:
                 ids[pos] = store.upsert_image(replace(base, status="corrupt", reason=v.reason, detail=v.detail))
                 result.corrupt += 1
                 result.corrupt_reasons[v.reason or "unknown"] = result.corrupt_reasons.get(v.reason or "unknown", 0) + 1
+                result.outcomes.append(outcome)
                 continue
             if pos in dup_of_pos:
                 target = dup_of_pos[pos]
@@ -130,10 +164,12 @@ def commit_batch(store: Store, embedder: Engine, model_id: int, decoded: Sequenc
                 ids[pos] = store.upsert_image(replace(base, status="duplicate", reason="same_content",
                                                           detail=f"identical bytes to image {original}",
                                                           duplicate_of=original))
+                ok_id[pos] = original
                 result.duplicate += 1
+                result.outcomes.append(replace(outcome, verdict="duplicate"))
                 continue
             if pos not in vector_of:
-                row = store.image_by_path(d.ref.root, d.ref.relpath)
+                row = rows.get(pos)
                 if row is not None and row["status"] == "ok" and row["hash"] == d.hash:
                     # Re-embedding for a new model failed: the image keeps its state and its older
                     # vectors (which sampling may still use); the next scan tries again.
@@ -150,26 +186,47 @@ def commit_batch(store: Store, embedder: Engine, model_id: int, decoded: Sequenc
                 if status == "corrupt":
                     result.corrupt += 1
                     result.corrupt_reasons["embed_error"] = result.corrupt_reasons.get("embed_error", 0) + 1
+                    result.outcomes.append(outcome)
                 continue
             vec = vector_of[pos]
             if remove_duplicates:
                 vh = vector_hash(vec)
                 original_v = batch_vhash.get(vh)
                 if original_v is None:
-                    original_v = store.first_ok_with_vector(model_id, vh, exclude_id=_existing_id(store, d.ref))
+                    original_v = store.first_ok_with_vector(model_id, vh, exclude_id=_row_id(rows.get(pos)))
                 if original_v is not None:
                     ids[pos] = store.upsert_image(replace(base, status="duplicate", reason="same_embedding",
                                                               detail=f"identical embedding to image {original_v}",
                                                               duplicate_of=original_v))
+                    ok_id[pos] = original_v
                     result.duplicate += 1
+                    result.outcomes.append(replace(outcome, verdict="duplicate"))
                     continue
-            image_id = store.upsert_image(base)
-            ids[pos] = image_id
+            record, verdict = base, "ok"
+            if same_content(pos):
+                row = rows[pos]
+                assert row is not None
+                record = replace(base, near_duplicate_of=row["near_duplicate_of"], near_distance=row["near_distance"],
+                                 near_model_id=row["near_model_id"])
+            elif lookup is not None and pos in lookup.links:
+                link = lookup.links[pos]
+                of = ok_id.get(int(link.target[4:])) if isinstance(link.target, str) else link.target
+                if of is not None:
+                    record = replace(base, near_duplicate_of=of, near_distance=link.distance, near_model_id=model_id)
+                    verdict = "near_duplicate"
+            image_id = store.upsert_image(record)
+            ids[pos] = ok_id[pos] = image_id
             store.put_embedding(image_id, model_id, vec)
+            committed.append((image_id, vec))
             if remove_duplicates:
                 batch_vhash[vector_hash(vec)] = image_id
             result.ok += 1
+            result.near_duplicate += verdict == "near_duplicate"
+            novelty = lookup.novelty.get(pos) if lookup is not None else None
+            result.outcomes.append(replace(outcome, verdict=verdict, novelty=novelty))
     result.store_seconds = clock() - t1
+    if near is not None:
+        near.committed([i for i, _v in committed], [v for _i, v in committed])
     return result
 
 
@@ -203,8 +260,7 @@ def _failed_attempts(row: dict[str, Any] | None, ref: FileRef) -> int:
     return int(row["attempts"] or 0)
 
 
-def _existing_id(store: Store, ref: FileRef) -> int | None:
-    row = store.image_by_path(ref.root, ref.relpath)
+def _row_id(row: dict[str, Any] | None) -> int | None:
     return int(row["id"]) if row else None
 
 
@@ -217,6 +273,7 @@ class PassSummary:
     ok: int = 0
     corrupt: int = 0
     duplicate: int = 0
+    near_duplicate: int = 0  # of the ok ones
     missing: int = 0
     revived: int = 0  # missing images back unchanged: ok again without a read
     outages: list[str] = field(default_factory=list)
@@ -260,7 +317,7 @@ def ingest_pass(store: Store, embedder: Engine, model_id: int, roots: Sequence[P
                 batch_size: int, *, executor: Executor | None = None, remove_duplicates: bool = True,
                 ignore_patterns: Sequence[str] = (), on_plan: Callable[[int], None] | None = None,
                 on_batch: Callable[[BatchResult], None] | None = None,
-                clock: Callable[[], float] = time.perf_counter) -> PassSummary:
+                clock: Callable[[], float] = time.perf_counter, near: NearDuplicates | None = None) -> PassSummary:
     """One pass over the input roots: discover, plan, process in batches, mark vanished files missing.
 
     A root that is missing or unreadable as a whole is an outage (listed in the summary); its
@@ -290,7 +347,9 @@ def ingest_pass(store: Store, embedder: Engine, model_id: int, roots: Sequence[P
     last = clock()
     for decoded in decode_batches(todo, settings, batch_size, executor):
         waited = clock() - last
-        result = commit_batch(store, embedder, model_id, decoded, remove_duplicates, clock)
+        result = commit_batch(store, embedder, model_id, decoded, remove_duplicates, clock, near)
+        if near is not None:  # this batch may be the one that makes the store large enough to calibrate on
+            near.ensure_calibrated(store, embedder, settings)
         result.decode_seconds = waited
         now = clock()
         result.total_seconds = now - last
@@ -299,6 +358,7 @@ def ingest_pass(store: Store, embedder: Engine, model_id: int, roots: Sequence[P
         summary.ok += result.ok
         summary.corrupt += result.corrupt
         summary.duplicate += result.duplicate
+        summary.near_duplicate += result.near_duplicate
         summary.missing += result.vanished
         summary.compute_seconds += result.compute_seconds
         if on_batch is not None:

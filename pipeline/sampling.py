@@ -38,7 +38,7 @@ from .export import (
     write_embeddings_csv,
     write_lines,
 )
-from .store import ImageRecord, Store
+from .store import CandidateFilter, ImageRecord, Store
 
 TMP_PREFIX = ".tmp-"
 IMPORTED_ROOT_PREFIX = "embeddings:"
@@ -73,6 +73,16 @@ def validate_sampling(config: Config) -> None:
 def normalize(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors / np.where(norms > 0, norms, 1.0).astype(np.float32)
+
+
+def candidate_filter(config: Config) -> CandidateFilter:
+    """What the configuration keeps out of the candidates: near copies (near_duplicate.exclude_from_candidates,
+    unless the check is off) and the flags in quality.exclude (unless that flag is off)."""
+    rules = config.quality.rules()
+    return CandidateFilter(
+        near_duplicates=config.near_duplicate.exclude_from_candidates and config.near_duplicate.threshold != -1,
+        quality=tuple(rules[flag] for flag in config.quality.exclude if flag in rules),
+    )
 
 
 def run_folder_name(runs_dir: Path, now: datetime) -> str:
@@ -179,7 +189,7 @@ def sample_run(store: Store, config: Config, *, trigger: str, now: datetime | No
         t = time.perf_counter()
         pool_ids = store.pool_members(pool) if pool else []
         fixed_ids = sorted(set(pool_ids) | set(preselected or []))
-        cand_ids_arr, cand = store.candidate_vectors(model_id, pool, config.datapool.process_all)
+        cand_ids_arr, cand = store.candidate_vectors(model_id, pool, config.datapool.process_all, candidate_filter(config))
         if preselected:
             keep = ~np.isin(cand_ids_arr, np.asarray(fixed_ids, dtype=np.int64))
             cand_ids_arr, cand = cand_ids_arr[keep], cand[keep]
@@ -285,6 +295,27 @@ def _write_outputs(store: Store, config: Config, out: Path, cand_ids: np.ndarray
                for r in duplicates if r["duplicate_of"] in originals}
     (out / "filenames" / "duplicate_filenames.json").write_text(json.dumps(dup_map, indent=1, ensure_ascii=False),
                                                                encoding="utf-8", errors="backslashreplace")
+    near = near_duplicate_groups(store, naming, roots)
+    write_lines(out / "filenames" / "near_duplicate_filenames.txt", (d["path"] for g in near for d in g["duplicates"]))
+    near_map = {d["path"]: {"original": g["original"], "distance": d["distance"]} for g in near for d in g["duplicates"]}
+    (out / "filenames" / "near_duplicate_filenames.json").write_text(json.dumps(near_map, indent=1, ensure_ascii=False),
+                                                                    encoding="utf-8", errors="backslashreplace")
+
+
+def near_duplicate_groups(store: Store, naming: Naming, roots: set[str] | None = None) -> list[dict[str, Any]]:
+    """The store's near-duplicate groups as `poolwatch near-duplicates --json` lists them: [{"original": name,
+    "duplicates": [{"path": name, "distance": d}, ...]}, ...], names as in the run's outputs; only images
+    under `roots` when given."""
+    groups = store.near_duplicate_groups()
+    paths = store.paths({i for original, copies in groups for i in (original, *(c for c, _d in copies))})
+    out = []
+    for original, copies in groups:
+        if roots is not None and paths[original][0] not in roots:
+            continue
+        dups = [{"path": naming.name(*paths[c]), "distance": d} for c, d in copies if roots is None or paths[c][0] in roots]
+        if dups:
+            out.append({"original": naming.name(*paths[original]), "duplicates": dups})
+    return out
 
 
 def write_pool_files(store: Store, config: Config, pool: str, model_id: int, history_name: str | None) -> int:

@@ -14,7 +14,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +118,23 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 4: quality signals measured on the decoded image (pipeline/quality.py), and the near-duplicate link: the
+    # earliest-seen image of the group, the distance to the neighbour found, and the model it was found under
+    """
+    ALTER TABLE images ADD COLUMN sharpness REAL;
+    ALTER TABLE images ADD COLUMN brightness REAL;
+    ALTER TABLE images ADD COLUMN contrast REAL;
+    ALTER TABLE images ADD COLUMN entropy REAL;
+    ALTER TABLE images ADD COLUMN colorfulness REAL;
+    ALTER TABLE images ADD COLUMN aspect REAL;
+    ALTER TABLE images ADD COLUMN near_duplicate_of INTEGER REFERENCES images(id);
+    ALTER TABLE images ADD COLUMN near_distance REAL;
+    ALTER TABLE images ADD COLUMN near_model_id INTEGER REFERENCES models(id);
+    CREATE INDEX images_near ON images(near_duplicate_of) WHERE near_duplicate_of IS NOT NULL;
+    """,
 )
+
+QUALITY_COLUMNS = ("sharpness", "brightness", "contrast", "entropy", "colorfulness", "aspect")
 
 
 @dataclass(frozen=True)
@@ -149,6 +165,10 @@ class ImageRecord:
     height: int | None = None
     format: str | None = None
     attempts: int = 0  # failed embedding attempts of a `pending` image
+    quality: Mapping[str, float] | None = None  # QUALITY_COLUMNS -> value (pipeline/quality.Quality.as_dict)
+    near_duplicate_of: int | None = None  # an `ok` image that is a near copy of this earlier-seen one
+    near_distance: float | None = None
+    near_model_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +182,22 @@ class ModelRecord:
     dim: int
     path: str | None
     is_current: bool
+
+
+@dataclass(frozen=True)
+class CandidateFilter:
+    """What keeps an embedded `ok` image out of a sampling run's candidates besides the pool rule."""
+
+    near_duplicates: bool = False  # near copies of an earlier image that is still `ok`
+    # quality flags: (column, "<" or ">", threshold) - pipeline/quality.FLAGS with the configured thresholds
+    quality: tuple[tuple[str, str, float], ...] = ()
+
+
+def quality_condition(column: str, op: str, alias: str = "i") -> str:
+    """SQL that is 1 when an image's signal crosses its flag's threshold (one `?`); 0 when unmeasured."""
+    if column not in QUALITY_COLUMNS or op not in ("<", ">"):
+        raise ValueError(f"not a quality rule: {column} {op}")
+    return f"COALESCE({alias}.{column} {op} ?, 0)"
 
 
 def _enc(path: str) -> str | bytes:
@@ -197,6 +233,11 @@ def _row(row: dict[str, Any]) -> dict[str, Any]:
 
 def vector_hash(vector: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(vector, dtype=np.float32).tobytes(), digest_size=16).hexdigest()
+
+
+def vector_tag(vhash: str) -> int:
+    """A vector's hash as a signed 64-bit fingerprint (the near-duplicate index keeps one per vector)."""
+    return int(vhash[:16], 16) - 2**63
 
 
 def file_identity(path: Path) -> tuple[int, int] | None:
@@ -305,26 +346,26 @@ class Store:
         """Insert or update the row of (root, relpath); returns its id. Use inside a transaction."""
         now = time.time()
         root, relpath = _enc(rec.root), _enc(rec.relpath)
-        row = self.conn.execute("SELECT id FROM images WHERE root = ? AND relpath = ?", (root, relpath)).fetchone()
+        row = self.conn.execute("SELECT id, hash FROM images WHERE root = ? AND relpath = ?", (root, relpath)).fetchone()
+        quality = rec.quality or {}
         values = (rec.size, rec.mtime_ns, rec.hash, rec.status, rec.reason, rec.detail, rec.duplicate_of,
-                  rec.width, rec.height, rec.format, rec.attempts, now)
+                  rec.width, rec.height, rec.format, rec.attempts, *(quality.get(c) for c in QUALITY_COLUMNS),
+                  rec.near_duplicate_of, rec.near_distance, rec.near_model_id, now)
+        columns = ("size", "mtime_ns", "hash", "status", "reason", "detail", "duplicate_of", "width", "height", "format",
+                   "attempts", *QUALITY_COLUMNS, "near_duplicate_of", "near_distance", "near_model_id", "updated")
         if row is None:
-            cur = self.conn.execute(
-                "INSERT INTO images (size, mtime_ns, hash, status, reason, detail, duplicate_of, width, height, format,"
-                " attempts, updated, root, relpath, first_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (*values, root, relpath, now),
-            )
+            marks = ",".join("?" * (len(columns) + 3))
+            cur = self.conn.execute(f"INSERT INTO images ({', '.join(columns)}, root, relpath, first_seen) VALUES ({marks})",
+                                    (*values, root, relpath, now))
             return _inserted_id(cur)
-        image_id = int(row[0])
-        old = self.conn.execute("SELECT hash FROM images WHERE id = ?", (image_id,)).fetchone()
-        self.conn.execute(
-            "UPDATE images SET size=?, mtime_ns=?, hash=?, status=?, reason=?, detail=?, duplicate_of=?, width=?,"
-            " height=?, format=?, attempts=?, updated=? WHERE id=?",
-            (*values, image_id),
-        )
-        if old[0] != rec.hash or rec.status != "ok":
-            # Changed content gets new vectors; its old decisions stay as history.
+        image_id, old_hash = int(row[0]), row[1]
+        self.conn.execute(f"UPDATE images SET {', '.join(f'{c}=?' for c in columns)} WHERE id=?", (*values, image_id))
+        if old_hash != rec.hash or rec.status != "ok":
+            # Changed content gets new vectors; its old decisions stay as history. Near copies of what it was
+            # are no longer copies of it.
             self.conn.execute("DELETE FROM embeddings WHERE image_id = ?", (image_id,))
+            self.conn.execute("UPDATE images SET near_duplicate_of = NULL, near_distance = NULL, near_model_id = NULL"
+                              " WHERE near_duplicate_of = ?", (image_id,))
         return image_id
 
     def first_ok_with_hash(self, content_hash: str, exclude_id: int | None = None) -> int | None:
@@ -575,6 +616,12 @@ class Store:
     def pool_members(self, pool: str) -> list[int]:
         return [int(r[0]) for r in self.conn.execute("SELECT image_id FROM datapool WHERE pool = ? ORDER BY image_id", (pool,))]
 
+    def pool_version(self, pool: str) -> tuple[int, int, int]:
+        """Changes whenever the pool's members do (the near-duplicate check caches the pool's vectors)."""
+        row = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(image_id), 0), COALESCE(MAX(added_in_run), 0) FROM datapool"
+                                " WHERE pool = ?", (pool,)).fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
+
     def pools(self) -> dict[str, int]:
         return {p: n for p, n in self.conn.execute("SELECT pool, COUNT(*) FROM datapool GROUP BY pool ORDER BY pool")}
 
@@ -590,7 +637,8 @@ class Store:
                                         ((pool, int(i), run_id) for i in image_ids))
             return cur.rowcount
 
-    def _candidate_sql(self, select: str, model_id: int, pool: str | None, process_all: bool) -> tuple[str, list[Any]]:
+    def _candidate_sql(self, select: str, model_id: int, pool: str | None, process_all: bool,
+                       exclude: CandidateFilter | None = None) -> tuple[str, list[Any]]:
         # NOT INDEXED: one sequential scan of the vectors beats a walk through an index and a sort
         # (4-5x at 300k rows); callers order the result themselves.
         sql = (f"SELECT {select} FROM embeddings e NOT INDEXED JOIN images i ON i.id = e.image_id"
@@ -603,20 +651,28 @@ class Store:
                 sql += (" AND e.image_id NOT IN (SELECT d.image_id FROM decisions d JOIN runs r ON r.id = d.run_id"
                         " WHERE r.pool = ? AND r.status = 'ok')")
                 params.append(pool)
+        if exclude is not None and exclude.near_duplicates:
+            sql += (" AND NOT (i.near_duplicate_of IS NOT NULL AND EXISTS"
+                    " (SELECT 1 FROM images o WHERE o.id = i.near_duplicate_of AND o.status = 'ok'))")
+        for column, op, threshold in exclude.quality if exclude is not None else ():
+            sql += f" AND NOT {quality_condition(column, op)}"
+            params.append(threshold)
         return sql, params
 
-    def candidate_ids(self, model_id: int, pool: str | None, process_all: bool) -> list[int]:
+    def candidate_ids(self, model_id: int, pool: str | None, process_all: bool,
+                      exclude: CandidateFilter | None = None) -> list[int]:
         """`ok` images with a vector of this model, not in the pool and, for pool runs, not decided by an
-        earlier successful run of the same pool (unless process_all)."""
-        sql, params = self._candidate_sql("e.image_id", model_id, pool, process_all)
+        earlier successful run of the same pool (unless process_all), and not kept out by `exclude`."""
+        sql, params = self._candidate_sql("e.image_id", model_id, pool, process_all, exclude)
         return sorted(int(r[0]) for r in self.conn.execute(sql, params))
 
-    def candidate_vectors(self, model_id: int, pool: str | None, process_all: bool) -> tuple[np.ndarray, np.ndarray]:
+    def candidate_vectors(self, model_id: int, pool: str | None, process_all: bool,
+                          exclude: CandidateFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The candidates (see `candidate_ids`) and their vectors in one query: (ids, N×d float32)."""
         model = self.model(model_id)
         if model is None:
             raise StoreError(f"no model with id {model_id}")
-        sql, params = self._candidate_sql("e.image_id, e.vector", model_id, pool, process_all)
+        sql, params = self._candidate_sql("e.image_id, e.vector", model_id, pool, process_all, exclude)
         rows = self.conn.execute(sql, params).fetchall()
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         matrix = np.frombuffer(b"".join([r[1] for r in rows]), dtype=np.float32).reshape(len(rows), model.dim)
@@ -644,6 +700,83 @@ class Store:
 
     def ids_by_path(self, root: str) -> dict[str, int]:
         return {_dec(r[0]): int(r[1]) for r in self.conn.execute("SELECT relpath, id FROM images WHERE root = ?", (_enc(root),))}
+
+    # ---- near duplicates and quality ----------------------------------------------------------
+    def embedding_tags(self, model_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image ids, vector tags) of every `ok` image with a vector of this model: what the index must hold."""
+        rows = self.conn.execute("SELECT e.image_id, e.vhash FROM embeddings e JOIN images i ON i.id = e.image_id"
+                                 " WHERE e.model_id = ? AND i.status = 'ok'", (model_id,)).fetchall()
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        tags = np.fromiter((vector_tag(r[1]) for r in rows), dtype=np.int64, count=len(rows))
+        return ids, tags
+
+    def vectors_of(self, model_id: int, image_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, N×d vectors, tags) of these images under this model (those that have one), in `image_ids` order."""
+        model = self.model(model_id)
+        if model is None:
+            raise StoreError(f"no model with id {model_id}")
+        found: dict[int, tuple[bytes, str]] = {}
+        ids = [int(i) for i in image_ids]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            rows = self.conn.execute(f"SELECT image_id, vector, vhash FROM embeddings WHERE model_id = ? AND image_id IN"
+                                     f" ({','.join('?' * len(chunk))})", (model_id, *chunk))
+            found.update((int(r[0]), (r[1], r[2])) for r in rows)
+        kept = [i for i in ids if i in found]
+        matrix = np.frombuffer(b"".join(found[i][0] for i in kept), dtype=np.float32).reshape(len(kept), model.dim)
+        tags = np.fromiter((vector_tag(found[i][1]) for i in kept), dtype=np.int64, count=len(kept))
+        return np.asarray(kept, dtype=np.int64), matrix.copy(), tags
+
+    def near_links(self, image_ids: Iterable[int]) -> dict[int, tuple[str, int | None]]:
+        """image id -> (status, near_duplicate_of) for these images."""
+        out: dict[int, tuple[str, int | None]] = {}
+        ids = [int(i) for i in image_ids]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self.conn.execute(f"SELECT id, status, near_duplicate_of FROM images WHERE id IN ({marks})", chunk)
+            out.update((int(r[0]), (str(r[1]), r[2])) for r in rows)
+        return out
+
+    def set_near_duplicates(self, links: Iterable[tuple[int, int, float, int]]) -> int:
+        """(image, earliest image of its group, distance, model) for images found after they were stored. In a transaction."""
+        cur = self.conn.executemany("UPDATE images SET near_duplicate_of = ?, near_distance = ?, near_model_id = ?"
+                                    " WHERE id = ? AND status = 'ok'", ((of, dist, m, i) for i, of, dist, m in links))
+        return cur.rowcount
+
+    def near_duplicate_groups(self) -> list[tuple[int, list[tuple[int, float | None]]]]:
+        """(original, [(copy, distance), ...]) for every `ok` image with `ok` near copies; by original, then distance."""
+        groups: dict[int, list[tuple[int, float | None]]] = {}
+        rows = self.conn.execute(
+            "SELECT i.near_duplicate_of, i.id, i.near_distance FROM images i JOIN images o ON o.id = i.near_duplicate_of"
+            " WHERE i.near_duplicate_of IS NOT NULL AND i.status = 'ok' AND o.status = 'ok'"
+            " ORDER BY i.near_duplicate_of, i.near_distance, i.id")
+        for original, copy, distance in rows:
+            groups.setdefault(int(original), []).append((int(copy), distance))
+        return list(groups.items())
+
+    def count_near_duplicates(self) -> int:
+        return int(self.conn.execute(
+            "SELECT COUNT(*) FROM images i JOIN images o ON o.id = i.near_duplicate_of"
+            " WHERE i.status = 'ok' AND o.status = 'ok'").fetchone()[0])
+
+    def quality_counts(self, rules: Mapping[str, tuple[str, str, float]]) -> dict[str, int]:
+        """flag -> number of `ok` images it flags; `rules` maps a flag to (column, op, threshold)."""
+        if not rules:
+            return {}
+        parts = [f"SUM({quality_condition(c, op)})" for c, op, _t in rules.values()]
+        row = self.conn.execute(f"SELECT {', '.join(parts)} FROM images i WHERE i.status = 'ok'",
+                                [t for _c, _op, t in rules.values()]).fetchone()
+        return {flag: int(n or 0) for flag, n in zip(rules, row, strict=True)}
+
+    def worst_quality(self, rule: tuple[str, str, float], limit: int) -> list[tuple[int, str, str, float]]:
+        """The `limit` flagged `ok` images furthest past the rule's threshold: (id, root, relpath, value)."""
+        column, op, threshold = rule
+        order = "ASC" if op == "<" else "DESC"
+        rows = self.conn.execute(f"SELECT i.id, i.root, i.relpath, i.{column} FROM images i WHERE i.status = 'ok'"
+                                 f" AND {quality_condition(column, op)} ORDER BY i.{column} {order}, i.id LIMIT ?",
+                                 (threshold, limit))
+        return [(int(r[0]), _dec(r[1]), _dec(r[2]), float(r[3])) for r in rows]
 
     # ---- status ---------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
