@@ -1,28 +1,102 @@
 """Prometheus metrics and the /metrics + /healthz HTTP endpoint.
 
 All metrics live in a registry passed in (one per daemon, one per test). Names follow
-`poolwatch_<what>_<unit>`; label sets are bounded (reasons, triggers, outcomes, pools, roots).
+`poolwatch_<what>_<unit>`; label sets are bounded (reasons, triggers, outcomes, pools, roots, components;
+sources through `SourceLabels`, a cap with `other` beyond it). deploy/grafana/poolwatch.json and
+deploy/prometheus/alerts.yml name only metrics defined here (tests/test_monitoring.py checks it).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from poolwatch import __version__
 
 log = logging.getLogger(__name__)
 
+# poolwatch_source_images_total{verdict}: exclusive, one per image (an ok image that is a near duplicate
+# counts only as near_duplicate).
+VERDICTS = ("ok", "corrupt", "duplicate", "near_duplicate")
+# poolwatch_source_quality_flags_total{flag}: an image may carry several.
+QUALITY_FLAGS = ("blurry", "dark", "bright", "low_information", "odd_aspect")
+OTHER_SOURCE = "other"
+# L2 distance of a new image to the datapool. Vectors are L2-normalised by default (0..2): a stuck camera
+# sits near 0, near copies at ~0.01-0.1, new views at ~0.3-1.5; the tail above 2 is for unnormalised models.
+NOVELTY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 5.0, 10.0, 50.0)
+LOOKUP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class SourceLabels:
+    """Bounded `source` label values: the first `cap` distinct sources seen keep their name, later ones
+    are `other`. A source once admitted stays admitted (its series never move). Thread-safe."""
+
+    def __init__(self, cap: int) -> None:
+        if cap < 0:
+            raise ValueError(f"source cap must be >= 0, not {cap}")
+        self.cap = cap
+        self._admitted: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, source: str) -> str:
+        with self._lock:
+            if source in self._admitted:
+                return source
+            if len(self._admitted) < self.cap:
+                self._admitted.add(source)
+                return source
+            return OTHER_SOURCE
+
+    def admitted(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._admitted)
+
+
+class _HealthCollector(Collector):
+    """poolwatch_component_healthy{component}: read from a callback at each scrape, so it shows the state
+    now (components that appear later included); before `watch` it has no samples."""
+
+    NAME = "poolwatch_component_healthy"
+    HELP = "1 while a daemon component is alive and not stalled"
+
+    def __init__(self) -> None:
+        self._fn: Callable[[], Mapping[str, bool]] | None = None
+
+    def watch(self, fn: Callable[[], Mapping[str, bool]]) -> None:
+        self._fn = fn
+
+    def describe(self) -> Iterator[Metric]:  # lets the registry check the name without calling fn
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["component"])
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["component"])
+        fn = self._fn
+        if fn is not None:
+            try:
+                states = dict(fn())
+            except Exception:  # a scrape must not fail because of it: no samples this time, and a log line
+                log.exception("reading component health for /metrics failed")
+                states = {}
+            for component, healthy in sorted(states.items()):
+                family.add_metric([str(component)], 1.0 if healthy else 0.0)
+        yield family
+
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, source_cap: int = 64) -> None:
         r = self.registry = registry or CollectorRegistry()
+        self.start_time = Gauge("poolwatch_start_time_seconds", "When this daemon process started", registry=r)
+        self.start_time.set(time.time())
         self.discovered = Counter("poolwatch_images_discovered_total",
                                   "Image files handed to ingest (events and scans)", registry=r)
         self.ingested = Counter("poolwatch_images_ingested_total",
@@ -61,12 +135,71 @@ class Metrics:
         self.component_restarts = Counter("poolwatch_component_restarts_total",
                                           "Components restarted after a crash", ["component"], registry=r)
         self.report_failures = Counter("poolwatch_report_failures_total", "Report generations that failed", registry=r)
+        # ---- per source (an input root, or its first-level subfolder with source.depth=1) ----
+        self.source_labels = SourceLabels(source_cap)
+        self.source_images = Counter("poolwatch_source_images_total",
+                                     "Images ingested per source, by verdict (ok, corrupt, duplicate, near_duplicate; "
+                                     "one each)", ["source", "verdict"], registry=r)
+        self.source_quality = Counter("poolwatch_source_quality_flags_total",
+                                      "Quality flags raised per source (blurry, dark, bright, low_information, odd_aspect)",
+                                      ["source", "flag"], registry=r)
+        self.source_novelty = Histogram("poolwatch_source_novelty_distance",
+                                        "L2 distance of each new ok image to the nearest datapool member "
+                                        "(to the nearest stored image when there is no pool)",
+                                        ["source"], buckets=NOVELTY_BUCKETS, registry=r)
+        # ---- near-duplicate detection ----
+        self.near_duplicate_threshold = Gauge("poolwatch_near_duplicate_threshold",
+                                              "L2 distance below which an image is a near duplicate, for the current "
+                                              "model (-1: off or not calibrated yet)", registry=r)
+        self.near_duplicate_threshold.set(-1)
+        self.near_index_vectors = Gauge("poolwatch_near_duplicate_index_vectors",
+                                        "Vectors in the near-duplicate index", registry=r)
+        self.near_lookup_seconds = Histogram("poolwatch_near_duplicate_lookup_seconds",
+                                             "Nearest-neighbour lookup of one batch", buckets=LOOKUP_BUCKETS, registry=r)
+        self.component_healthy = _HealthCollector()
+        r.register(self.component_healthy)
         self.build = Info("poolwatch_build", "poolwatch build information", registry=r)
         self.build.info({"version": __version__})
         for outcome in ("ok", "failed"):
             self.reloads.labels(outcome)
         self._ema_eff: float | None = None
         self._ema_rate: float | None = None
+        self._sources_seen: set[str] = set()
+        self._sources_lock = threading.Lock()
+
+    def watch_health(self, fn: Callable[[], Mapping[str, bool]]) -> None:
+        """poolwatch_component_healthy{component} reads fn() (component name -> alive and not stalled) at
+        each scrape; called on the HTTP server's thread, so fn must be cheap and thread-safe."""
+        self.component_healthy.watch(fn)
+
+    def record_source(self, source: str, verdict: str, flags: Sequence[str], novelty: float | None) -> None:
+        """One ingested image of `source` (capped: see SourceLabels): its verdict (VERDICTS), quality flags
+        (QUALITY_FLAGS) and novelty (None: not measured; observed when finite)."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"unknown verdict {verdict!r} (one of {', '.join(VERDICTS)})")
+        unknown = [f for f in flags if f not in QUALITY_FLAGS]
+        if unknown:
+            raise ValueError(f"unknown quality flag(s) {unknown} (known: {', '.join(QUALITY_FLAGS)})")
+        label = self.source_labels(source)
+        self._init_source(label)
+        self.source_images.labels(label, verdict).inc()
+        for flag in flags:
+            self.source_quality.labels(label, flag).inc()
+        if novelty is not None and math.isfinite(novelty):
+            self.source_novelty.labels(label).observe(novelty)
+
+    def _init_source(self, label: str) -> None:
+        """All of a source's series from its first image on, at 0: rate() and shares see the first
+        increments, and a verdict that never happens reads 0 rather than no data."""
+        with self._sources_lock:
+            if label in self._sources_seen:
+                return
+            self._sources_seen.add(label)
+        for verdict in VERDICTS:
+            self.source_images.labels(label, verdict)
+        for flag in QUALITY_FLAGS:
+            self.source_quality.labels(label, flag)
+        self.source_novelty.labels(label)
 
     def smoothed_efficiency(self) -> float | None:
         return None if self._ema_eff is None else round(self._ema_eff, 4)

@@ -53,7 +53,8 @@ class Service:
                  registry: CollectorRegistry | None = None, signals: SignalRecorder | None = None) -> None:
         self.config = config
         self.overrides, self.config_file = overrides, config_file
-        self.metrics = Metrics(registry)
+        self.metrics = Metrics(registry, source_cap=config.source.max_sources)
+        self.metrics.watch_health(self._component_health)
         self.notifier = Notifier()
         self.signals = signals or SignalRecorder()
         self.supervisor = Supervisor(self.signals.hurry, lambda name: self.metrics.component_restarts.labels(name).inc())
@@ -129,6 +130,13 @@ class Service:
         log.warning("the inotify queue overflowed (events were lost, fs.inotify.max_queued_events); "
                     "rescanning the input dirs")
         self.reconciler.request()
+
+    def _component_health(self) -> dict[str, bool]:
+        """For poolwatch_component_healthy: alive, and for the worker also not stalled."""
+        states = self.supervisor.alive()
+        if "worker" in states:
+            states["worker"] = states["worker"] and not self.worker.stalled()
+        return states
 
     def health(self) -> tuple[bool, str]:
         ok, why = self.supervisor.health()

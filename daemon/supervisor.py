@@ -119,6 +119,10 @@ class Supervisor:
                 entry.on_restart()
         return None
 
+    def alive(self) -> dict[str, bool]:
+        """Each started component: alive or not."""
+        return {e.component.name: e.component.alive() for e in self._started}
+
     def health(self) -> tuple[bool, str]:
         if self.state != "running":
             return False, self.state
