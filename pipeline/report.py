@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 MATRIX_OVERHEAD = 1  # n x n float32s: the condensed distances (half) and the copy a percentile makes (half)
 BLOCK_BYTES = 32 * 1024**2  # the row block of distances computed at a time
 PAGE = (8.27, 11.69)  # A4 portrait, inches
+NEAR_GROUPS_SHOWN = 8  # near-duplicate groups on their page: the largest, then those with the closest copy
+NEAR_COPIES_SHOWN = 5  # copies beside each original, closest first
+NEAR_THUMB = 160  # px: the near-duplicate page holds up to 8 x 6 thumbnails
 
 
 class ReportError(UsageError):
@@ -160,6 +163,7 @@ def build_report(store: Store, run_id: int, *, memory_gb: float | None = None, n
     removed_mask = np.array([n not in sel_set for n in cand_names], bool)
     corrupt = json.loads((out / "filenames" / "corrupt_filenames.json").read_text(encoding="utf-8"))
     duplicates = json.loads((out / "filenames" / "duplicate_filenames.json").read_text(encoding="utf-8"))
+    near = _near_duplicates(out, config)
     model = store.model(run["model_id"]) if run["model_id"] else None
     decisions = [d for d in store.decisions(run_id) if d["selected"]]
 
@@ -200,6 +204,7 @@ def build_report(store: Store, run_id: int, *, memory_gb: float | None = None, n
         "examples": {"closest_removed": pairs, "farthest_retained": farthest},
         "corrupt_files": [{"file": k, **v} for k, v in corrupt.items()],
         "duplicate_groups": _groups(duplicates),
+        "near_duplicates": near,
         "config": config,
     }
     plots = out / "plots"
@@ -230,6 +235,32 @@ def _groups(duplicates: dict[str, str]) -> dict[str, Any]:
     return {"count": len(groups), "first": [{"original": o, "duplicates": sorted(d)} for o, d in first]}
 
 
+def _near_duplicates(out: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The near-duplicate groups as the run recorded them (filenames/near_duplicate_filenames.json: the state at
+    the run, not the store's now): totals, and the groups the report shows - the largest first, then those with
+    the closest copy - each with its closest copies. A run folder from before near-duplicate detection has no
+    such file: `recorded` is false and the counts are 0."""
+    settings = config.get("near_duplicate") or {}
+    path = out / "filenames" / "near_duplicate_filenames.json"
+    recorded = path.is_file()
+    links: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if recorded else {}
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for copy, link in links.items():
+        groups.setdefault(str(link["original"]), []).append({"path": copy, "distance": link.get("distance")})
+
+    def closest(copy: dict[str, Any]) -> float:
+        d = copy["distance"]
+        return math.inf if d is None else float(d)
+
+    for copies in groups.values():
+        copies.sort(key=lambda c: (closest(c), c["path"]))
+    ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), closest(kv[1][0]), kv[0]))
+    return {"groups": len(groups), "images": sum(len(c) for c in groups.values()), "recorded": recorded,
+            "threshold": settings.get("threshold"), "exclude_from_candidates": settings.get("exclude_from_candidates"),
+            "first": [{"original": o, "copies": len(c), "duplicates": c[:NEAR_COPIES_SHOWN]}
+                      for o, c in ordered[:NEAR_GROUPS_SHOWN]]}
+
+
 # ---- rendering -----------------------------------------------------------------------------------
 def _render(data: dict[str, Any], before: DistanceStats, after: DistanceStats, cand: np.ndarray, incl: np.ndarray,
             removed_mask: np.ndarray, pool_mask: np.ndarray, cand_names: list[str], incl_names: list[str],
@@ -246,10 +277,15 @@ def _render(data: dict[str, Any], before: DistanceStats, after: DistanceStats, c
     examples = _examples(data, naming, roots)
     if examples is not None:
         examples.savefig(out / "plots" / "examples.png", dpi=110)
+    near = _near_page(data["near_duplicates"], naming, roots)
+    if near is not None:
+        near.savefig(out / "plots" / "near_duplicates.png", dpi=110)
     pages = [_summary_page(data), figs["distance_distr_before"], figs["distance_distr_after"],
              figs["embedding_scatter"]]
     if examples is not None:
         pages.append(examples)
+    if near is not None:
+        pages.append(near)
     pages.append(_tables_page(data))
     with replacing_path(out / "report.pdf") as tmp, PdfPages(tmp) as pdf:
         for fig in pages:
@@ -295,6 +331,7 @@ def _summary_page(data: dict[str, Any]) -> Figure:
         f"images seen        {img['seen']}   ({', '.join(f'{k} {v}' for k, v in img['by_status'].items())})",
         f"corrupt by reason  {', '.join(f'{k} {v}' for k, v in img['corrupt_by_reason'].items()) or 'none'}",
         f"exact duplicates   {img['duplicates']}",
+        f"near duplicates    {_near_summary(data['near_duplicates'])}",
         f"candidates         {data['candidates']}",
         f"selected           {data['selected']}   (stopped by {r['stop_reason']})",
         f"pool before/after  {data['pool_before']} -> {data['pool_after'] if data['pool_after'] is not None else '-'}",
@@ -373,12 +410,11 @@ def _scatter(cand: np.ndarray, incl: np.ndarray, removed_mask: np.ndarray, pool_
 def _thumb(naming: Naming, roots: list[str], name: str, size: int = 256) -> np.ndarray | None:
     from PIL import Image, ImageOps
 
-    parsed = naming.parse(name)
-    if parsed is None:
-        return None
-    path = Path(parsed[0]) / parsed[1]
     try:
-        with Image.open(path) as source:
+        parsed = naming.parse(name)
+        if parsed is None:
+            return None
+        with Image.open(Path(parsed[0]) / parsed[1]) as source:
             source.draft("RGB", (size, size))
             im = ImageOps.exif_transpose(source).convert("RGB")
             im.thumbnail((size, size))
@@ -412,11 +448,80 @@ def _examples(data: dict[str, Any], naming: Naming, roots: list[str]) -> Figure 
     return fig
 
 
+def _near_summary(near: dict[str, Any]) -> str:
+    if not near["recorded"]:
+        return "not recorded by this run"
+    if near["threshold"] == -1 and not near["images"]:
+        return "check off (near_duplicate.threshold=-1)"
+    kept = "left out of the candidates" if _near_excluded(near) else "kept as candidates"
+    return f"{near['images']} in {_plural(near['groups'], 'group')}" + (f" ({kept})" if near["images"] else "")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _near_excluded(near: dict[str, Any]) -> bool:
+    """Whether the run kept near copies out of its candidates (as pipeline/sampling.candidate_filter decides)."""
+    return bool(near["exclude_from_candidates"]) and near["threshold"] != -1
+
+
+def _short(name: str, width: int) -> str:
+    """A file name cut to `width` characters keeping its end (the file's own name), not its folders."""
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def _near_page(near: dict[str, Any], naming: Naming, roots: list[str]) -> Figure | None:
+    """One row per group: the original (green frame), then its closest copies (orange) with their distance."""
+    groups = near["first"]
+    if not groups:
+        return None
+    fig = _figure(PAGE)
+    fig.text(0.04, 0.975, "Near-duplicate groups", fontsize=15, weight="bold", va="top")
+    shown = f"; the {len(groups)} largest shown" if near["groups"] > len(groups) else ""
+    if near["threshold"] == -1:
+        rule = "near_duplicate.threshold = -1 (check off): the near copies stayed candidates of this run."
+    elif _near_excluded(near):
+        rule = ("near_duplicate.exclude_from_candidates = true: the near copies were left out of this run's candidates,\n"
+                "the originals stayed candidates.")
+    else:
+        rule = "near_duplicate.exclude_from_candidates = false: the near copies stayed candidates of this run."
+    copies = "1 near copy" if near["images"] == 1 else f"{near['images']} near copies"
+    lines = [f"{_plural(near['groups'], 'group')}, {copies} in total{shown} "
+             "(all of them: filenames/near_duplicate_filenames.json).",
+             f"Each row: the original (earliest-seen image, green) and its near copies (orange), closest first; "
+             f"d = L2 distance\nto the neighbour found (threshold: near_duplicate.threshold = {near['threshold']}).",
+             rule]
+    fig.text(0.04, 0.945, "\n".join(lines), fontsize=8, va="top", linespacing=1.4)
+    cols = 1 + NEAR_COPIES_SHOWN
+    grid = fig.add_gridspec(NEAR_GROUPS_SHOWN, cols, left=0.03, right=0.985, top=0.835, bottom=0.02,
+                            wspace=0.15, hspace=0.6)
+    for r, group in enumerate(groups):
+        n = group["copies"]
+        ax = fig.add_subplot(grid[r, 0])
+        _show(ax, _thumb(naming, roots, group["original"], NEAR_THUMB),
+              f"{_short(group['original'], 20)}\noriginal, {n} cop{'y' if n == 1 else 'ies'}")
+        _frame(ax, "seagreen")
+        for c, copy in enumerate(group["duplicates"], start=1):
+            d = copy["distance"]
+            ax = fig.add_subplot(grid[r, c])
+            _show(ax, _thumb(naming, roots, copy["path"], NEAR_THUMB),
+                  f"{_short(copy['path'], 20)}\nd = {'-' if d is None else f'{d:.4g}'}")
+            _frame(ax, "darkorange")
+    return fig
+
+
+def _frame(ax: Axes, color: str) -> None:
+    for spine in ax.spines.values():
+        spine.set_edgecolor(color)
+        spine.set_linewidth(1.5)
+
+
 def _show(ax: Axes, image: np.ndarray | None, title: str) -> None:
     if image is not None:
         ax.imshow(image)
     else:
-        ax.text(0.5, 0.5, "(image not available)", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+        ax.text(0.5, 0.5, "(image not\navailable)", ha="center", va="center", transform=ax.transAxes, fontsize=8)
     ax.set_title(title, fontsize=7)
     ax.set_xticks([])
     ax.set_yticks([])

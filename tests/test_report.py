@@ -57,8 +57,12 @@ def test_report_of_a_pool_run_on_300_images(dirs: tuple[Path, Path]) -> None:
         if path.is_file() and path.suffix in (".json", ".yaml", ".csv", ".txt", ".pdf"):
             assert b"very-secret-token" not in path.read_bytes(), path
 
-    # the PDF: summary, two histograms, scatter, examples, tables
-    assert len(PdfReader(run / "report.pdf").pages) == report["pdf_pages"] == 6
+    near = json.loads((run / "filenames" / "near_duplicate_filenames.json").read_text())
+    assert report["near_duplicates"]["images"] == len(near)
+    assert report["near_duplicates"]["groups"] == len({v["original"] for v in near.values()})
+
+    # the PDF: summary, two histograms, scatter, examples, near-duplicate groups (when there are any), tables
+    assert len(PdfReader(run / "report.pdf").pages) == report["pdf_pages"] == 6 + (report["near_duplicates"]["groups"] > 0)
     for name in ("distance_distr_before", "distance_distr_after", "embedding_scatter", "examples"):
         assert (run / "plots" / f"{name}.png").stat().st_size > 5_000
 
@@ -130,3 +134,82 @@ def test_condensed_distances_match_brute_force_across_blocks(n: int, block_bytes
     got = report.condensed_distances(x)
     assert got.dtype == np.float32 and got.shape == brute.shape
     np.testing.assert_allclose(got, brute, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("with_near", [True, False])
+def test_report_shows_near_duplicate_groups(tmp_path: Path, with_near: bool) -> None:
+    from PIL import ImageFilter
+
+    from poolwatch.pipeline.config import load_config
+    from poolwatch.pipeline.report import build_report
+    from poolwatch.pipeline.sampling import sample_run
+    from poolwatch.pipeline.store import ImageRecord, Store
+
+    inp, shared = tmp_path / "input", tmp_path / "shared"
+    inp.mkdir()
+    originals = {f"img_{i:02d}.jpg": photo(7_000 + i) for i in range(12)}
+    copies = {"img_00_copy.jpg": ("img_00.jpg", 0.0123), "img_00_blur.jpg": ("img_00.jpg", 0.0456),
+              "img_05_copy.jpg": ("img_05.jpg", 0.0078)}
+    images = {**originals, **{c: originals[o].filter(ImageFilter.BLUR) for c, (o, _d) in copies.items()}}
+    cfg = load_config([f"shared_dir={shared}", f"input_dir={inp}", "stopping_condition.n_samples=4", "device=cpu"])
+    root = str(cfg.input_paths[0])
+    rng = np.random.default_rng(0)
+    with Store.open(cfg.store_path) as store:
+        model_id = store.register_model(weights_hash="test", input_size=32, source="checkpoint", detail="test weights",
+                                        arch={"name": "test"}, dim=8, path=None)
+        with store.transaction():
+            ids, vectors = {}, {}
+            for k, (name, image) in enumerate(images.items()):
+                (inp / name).write_bytes(encode(image, "JPEG"))
+                st = (inp / name).stat()
+                ids[name] = store.upsert_image(ImageRecord(root, name, st.st_size, st.st_mtime_ns, f"{k:064x}", "ok",
+                                                           width=image.width, height=image.height, format="JPEG"))
+                o = copies[name][0] if name in copies else None
+                vectors[name] = vectors[o] + rng.normal(0, 0.005, 8) if o else rng.normal(size=8)
+                store.put_embedding(ids[name], model_id, vectors[name])
+            if with_near:
+                store.set_near_duplicates([(ids[c], ids[o], d, model_id) for c, (o, d) in copies.items()])
+        result = sample_run(store, cfg, trigger="cli", model_id=model_id)
+        (inp / "img_05_copy.jpg").unlink()  # gone since the run: its thumbnail is a placeholder, no exception
+        data = build_report(store, result.run_id)
+
+        run = result.output_dir
+        report = json.loads((run / "report.json").read_text())
+        pdf = PdfReader(run / "report.pdf")
+        texts = [page.extract_text() for page in pdf.pages]
+        assert len(texts) == report["pdf_pages"] == data["pdf_pages"]
+        near_pages = [t for t in texts if "Near-duplicate groups" in t]
+        summary = texts[0]
+        if not with_near:
+            assert report["near_duplicates"]["groups"] == report["near_duplicates"]["images"] == 0
+            assert report["near_duplicates"]["recorded"] is True
+            assert not near_pages and len(texts) == 6 and not (run / "plots" / "near_duplicates.png").exists()
+            assert "near duplicates    0 in 0 groups" in summary
+            # a run folder from before near-duplicate detection (no such file) still gets its report
+            (run / "filenames" / "near_duplicate_filenames.json").unlink()
+            again = build_report(store, result.run_id)
+            assert again["near_duplicates"]["recorded"] is False and again["near_duplicates"]["groups"] == 0
+            assert "not recorded by this run" in PdfReader(run / "report.pdf").pages[0].extract_text()
+            return
+
+    near = report["near_duplicates"]
+    assert (near["groups"], near["images"]) == (2, 3)
+    assert near["exclude_from_candidates"] is True and near["threshold"] == "auto"
+    # the largest group first, its copies closest first
+    assert [g["original"] for g in near["first"]] == ["img_00.jpg", "img_05.jpg"]
+    assert [(c["path"], c["distance"]) for c in near["first"][0]["duplicates"]] == [("img_00_copy.jpg", 0.0123),
+                                                                                   ("img_00_blur.jpg", 0.0456)]
+    # near copies were left out of the candidates (exclude_from_candidates defaults to true)
+    _, _, cand_names = load_embeddings(str(run / "data" / "embeddings.csv"))
+    assert report["candidates"] == len(cand_names) == 12 and not set(cand_names) & set(copies)
+
+    assert len(texts) == 7 and len(near_pages) == 1
+    page = near_pages[0]
+    assert "2 groups, 3 near copies in total" in page and "original, 2 copies" in page and "original, 1 copy" in page
+    assert "exclude_from_candidates = true" in page and "left out" in page
+    for name in ("img_00.jpg", "img_00_copy.jpg", "img_00_blur.jpg", "img_05_copy.jpg"):
+        assert name in page, name
+    assert "d = 0.0123" in page and "d = 0.0456" in page and "d = 0.0078" in page
+    assert page.count("(image not\navailable)") == 1  # img_05_copy.jpg, deleted after the run
+    assert "near duplicates    3 in 2 groups (left out of the candidates)" in summary
+    assert (run / "plots" / "near_duplicates.png").stat().st_size > 5_000
