@@ -112,10 +112,10 @@ def model_only(shared: Path, folder: Path, extra: list[str], batch: int, rounds:
     return batch / statistics.median(times), engine.exact_decode
 
 
-def decode_only(paths: list[Path], workers: int, input_size: int, exact: bool) -> float:
+def decode_only(paths: list[Path], workers: int, input_size: int, exact: bool, quality: bool = True) -> float:
     from poolwatch.pipeline.decode import DecodeSettings, FileRef, read_and_decode
 
-    settings = DecodeSettings(input_size=input_size, exact_decode=exact)
+    settings = DecodeSettings(input_size=input_size, exact_decode=exact, measure_quality=quality)
     refs = [FileRef(str(p.parent), p.name, 0, 0) for p in paths]
     start = time.perf_counter()
     if workers > 0:
@@ -128,8 +128,10 @@ def decode_only(paths: list[Path], workers: int, input_size: int, exact: bool) -
     return len(paths) / (time.perf_counter() - start)
 
 
+BARE = ["quality.measure=false", "near_duplicate.threshold=-1"]
 VARIANTS = {
     "default (auto)": [],
+    "bare (auto, without the verdicts on arrival: no quality signals, no near-duplicate check)": BARE,
     "fp32 + exact decode (lightly-embed's vectors)": ["embedding_precision=fp32", "check.exact_decode=true"],
     "bf16": ["embedding_precision=bf16"],
     "int8": ["embedding_precision=int8"],
@@ -169,7 +171,7 @@ def bench_set(label: str, folder: Path, paths: list[Path], work: Path, args: arg
             rss[v] = max(rss[v], mem)
             rate, exact = model_only(shared[v], folder, extra, args.batch)
             model[v].append(rate)
-            dec[v].append(decode_only(paths, args.workers, 64, exact))
+            dec[v].append(decode_only(paths, args.workers, 64, exact, quality="quality.measure=false" not in extra))
     print(f"\n## {label}: {n} files, batch {args.batch}, {args.workers} decode workers, {args.repeat} rounds (medians)")
     print("| what | images/s end to end | vs lightly-embed | vs fastdup | model-only | decode-only | vs its limit | "
           "compute efficiency | peak RSS MB | first start (export, quantization) s |")

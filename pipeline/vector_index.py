@@ -16,7 +16,6 @@ its store, which is the truth (the index is a cache).
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import secrets
@@ -27,10 +26,14 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from .modelspec import file_sha256
+
 if TYPE_CHECKING:
     from usearch.index import BatchMatches, Index
 
-EXACT_BELOW = 50_000  # measured: brute force is as fast as the graph per batch lookup below this (d=32 and 384)
+# measured (bench/near_duplicates.py): brute force per batch of 64 / 512 is as fast as the graph up to ~255k / ~222k
+# vectors at d=32, and faster than it at 100k at d=384 (where the graph's recall on unstructured vectors also drops)
+EXACT_BELOW = 200_000
 FORMAT = 1
 CONNECTIVITY = 16  # HNSW M
 EXPANSION_ADD = 128  # ef_construction
@@ -138,7 +141,7 @@ class VectorIndex:
             if self._ann is not None:
                 self._ann.save(str(tmp / "graph.usearch"))
                 files.append("graph.usearch")
-            digests = {f: _sha256(tmp / f) for f in files}
+            digests = {f: file_sha256(tmp / f) for f in files}
             info = {"format": FORMAT, "dim": self.dim, "count": n, "files": digests, "meta": dict(meta),
                     "ann": None if self._ann is None else {"library": "usearch", "connectivity": CONNECTIVITY,
                                                            "expansion_add": EXPANSION_ADD}}
@@ -168,7 +171,7 @@ class VectorIndex:
             if info["format"] != FORMAT or info["dim"] != dim:
                 return None
             files, n = info["files"], int(info["count"])
-            if any(_sha256(folder / f) != digest for f, digest in files.items()) or not set(_FILES) <= set(files):
+            if any(file_sha256(folder / f) != digest for f, digest in files.items()) or not set(_FILES) <= set(files):
                 return None
             keys, tags, vecs = (np.load(folder / f, allow_pickle=False) for f in _FILES)
             if (keys.shape, tags.shape, vecs.shape) != ((n,), (n,), (n, dim)) or len(np.unique(keys)) != n:
@@ -263,14 +266,6 @@ class VectorIndex:
         for i, (row, count) in enumerate(zip(rows, counts, strict=True)):
             out[i, :count] = [self._slot.get(key, -1) for key in row[:count]]
         return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _delete(path: Path) -> None:
