@@ -314,7 +314,8 @@ def main() -> None:
     if missing:
         print(f"not installed, left out: {', '.join(missing)} (pip install hnswlib faiss-cpu to compare them)", flush=True)
     print(f"usearch HNSW: connectivity (M) {vi.CONNECTIVITY}, expansion_add (ef_construction) {vi.EXPANSION_ADD}, "
-          f"expansion_search (ef) {vi.EXPANSION_SEARCH}; EXACT_BELOW in the code {vi.EXACT_BELOW:,}", flush=True)
+          f"expansion_search (ef) {vi.EXPANSION_SEARCH}; EXACT_BELOW in the code {vi.EXACT_BELOW:,} "
+          f"(d > {vi.WIDE}: {vi.EXACT_BELOW_WIDE:,})", flush=True)
     real = []
     if args.real:  # first: usearch loaded into a process before OpenVINO breaks OpenVINO (pipeline/vector_index.py)
         ckpt = args.checkpoint if args.checkpoint and args.checkpoint.is_file() else None

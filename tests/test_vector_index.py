@@ -30,6 +30,12 @@ def filled(n: int, d: int = 32, exact_below: int = vi.EXACT_BELOW, seed: int = 0
     return index, x
 
 
+def test_wide_vectors_stay_exact_longer() -> None:
+    assert VectorIndex(32).exact_below == vi.EXACT_BELOW == vi.exact_below_for(vi.WIDE)
+    assert VectorIndex(384).exact_below == vi.EXACT_BELOW_WIDE > vi.EXACT_BELOW
+    assert VectorIndex(384, exact_below=10).exact_below == 10
+
+
 def test_exact_matches_brute_force() -> None:
     index, x = filled(3000)
     q = np.concatenate([data(50, seed=1), x[:50] + 0.01])
