@@ -129,8 +129,12 @@ def decode_only(paths: list[Path], workers: int, input_size: int, exact: bool, q
 
 
 BARE = ["quality.measure=false", "near_duplicate.threshold=-1"]
+GIVEN_THRESHOLD = "near_duplicate.threshold=0.0108"  # what auto calibrates for the default model (docs/BENCHMARKS.md)
 VARIANTS = {
     "default (auto)": [],
+    "given (auto, a given near-duplicate threshold: the verdicts without the one-time calibration)": [GIVEN_THRESHOLD],
+    "lookups (auto, a given threshold, no quality signals: the near-duplicate lookups alone)":
+        [GIVEN_THRESHOLD, "quality.measure=false"],
     "bare (auto, without the verdicts on arrival: no quality signals, no near-duplicate check)": BARE,
     "fp32 + exact decode (lightly-embed's vectors)": ["embedding_precision=fp32", "check.exact_decode=true"],
     "bf16": ["embedding_precision=bf16"],
