@@ -62,7 +62,8 @@ class Sampler(ThreadComponent):
     def health(self) -> str:
         if not self.alive():
             return "DEAD"
-        return "running" if self.running else "idle"
+        with self._cond:
+            return "running" if self.running else ("queued" if self._pending is not None else "idle")
 
     def run(self) -> None:
         config = self.settings()

@@ -538,10 +538,11 @@ def test_signals_trigger_queueing_and_reload(tmp_path: Path, daemons: list[Daemo
     wait_for(lambda: d.count_log("sampling run already queued") == 1, 10, "the fourth request", d, interval=0.01)
     assert not finished(2), "run 2 ended before both signals were handled; the runs are too fast to overlap"
     assert wait_for(lambda: finished(3), 90, "runs 2 and 3", d)[2] == "ok"
-    # Bounded check window: a second queued run would start right after run 3 (the sampler takes a
-    # pending request at once); 1 s on a loaded machine is ample. Run 4 below must also carry the
-    # reloaded n_samples, which a run queued by the signals above would not.
-    time.sleep(1.0)
+    # Every request above came before run 3 ended: once the sampler is idle (no run in progress, none
+    # queued) no further run can start. Run 4 below must also carry the reloaded n_samples, which a run
+    # queued by the signals above would not.
+    wait_for(lambda: "sampler idle" in http_get(f"http://127.0.0.1:{d.port}/healthz")[1], 10,
+             "the sampler idle, no run queued", d, interval=0.05)
     assert n_runs() == 3 and d.count_log("sampling run started") == 3, d.tail()
 
     # HUP after editing n_samples: the next run uses it.
