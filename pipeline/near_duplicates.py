@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -169,8 +169,8 @@ class NearDuplicates:
         if not positions:
             return out
         queries = self._prepare(np.stack([vectors[p] for p in positions]))
-        nearest_id, nearest_d = self._nearest_stored(store, queries, [(exclude or {}).get(p) for p in positions])
-        roots = _roots(store, [i for i in nearest_id if i >= 0])
+        nearest_id, nearest_d, known = self._nearest_stored(store, queries, [(exclude or {}).get(p) for p in positions])
+        roots = _roots(store, [int(i) for i in nearest_id if i >= 0], known)
         # Earlier images of the same batch: exact, a (batch x batch) block.
         inner = _pairwise(queries)
         for row, pos in enumerate(positions):
@@ -194,12 +194,14 @@ class NearDuplicates:
         out.seconds = time.perf_counter() - start
         return out
 
-    def _nearest_stored(self, store: Store, queries: np.ndarray, own: Sequence[int | None]) -> tuple[np.ndarray, np.ndarray]:
-        """Per query, the nearest indexed image that is still `ok` and not the query's own row: (ids, distances)."""
+    def _nearest_stored(self, store: Store, queries: np.ndarray,
+                        own: Sequence[int | None]) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[str, int | None]]]:
+        """Per query, the nearest indexed image that is still `ok` and not the query's own row: (ids, distances),
+        and the (status, link) rows read for the neighbours considered."""
         ids = np.full(len(queries), -1, dtype=np.int64)
         dists = np.full(len(queries), np.inf, dtype=np.float32)
         if not len(self.index):
-            return ids, dists
+            return ids, dists, {}
         keys, d = self.index.search(queries, NEIGHBOURS)
         status = store.near_links(int(k) for k in np.unique(keys) if k >= 0)
         for row in range(len(queries)):
@@ -207,7 +209,7 @@ class NearDuplicates:
                 if k >= 0 and int(k) != own[row] and status.get(int(k), ("gone", None))[0] == "ok":
                     ids[row], dists[row] = k, dist
                     break
-        return ids, dists
+        return ids, dists, status
 
     def committed(self, ids: Sequence[int], vectors: Sequence[np.ndarray]) -> None:
         """The batch's new `ok` vectors are in the store now: add them to the index."""
@@ -298,10 +300,17 @@ class NearDuplicates:
         return made
 
 
-def _roots(store: Store, ids: Sequence[int]) -> dict[int, int]:
-    """id -> the earliest image of its group (itself unless it is linked to an `ok` original)."""
-    links = store.near_links(ids)
-    originals = store.near_links({of for _s, of in links.values() if of is not None})
+def _roots(store: Store, ids: Sequence[int], known: Mapping[int, tuple[str, int | None]]) -> dict[int, int]:
+    """id -> the earliest image of its group (itself unless it is linked to an `ok` original); `known`: the
+    (status, link) rows already read, so only the others are queried."""
+
+    def links_of(some: Iterable[int]) -> dict[int, tuple[str, int | None]]:
+        wanted = set(some)
+        got = {i: known[i] for i in wanted & known.keys()}
+        return got | store.near_links(wanted - got.keys()) if len(got) < len(wanted) else got
+
+    links = links_of(ids)
+    originals = links_of(int(of) for _s, of in links.values() if of is not None)
     return {i: (int(of) if of is not None and originals.get(int(of), ("gone", None))[0] == "ok" else i)
             for i, (_s, of) in links.items()}
 
