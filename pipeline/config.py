@@ -13,11 +13,14 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import re
+import socket
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from omegaconf import OmegaConf
@@ -155,8 +158,36 @@ class MetricsSettings(_Section):
 
 
 class StoreSettings(_Section):
+    url: SecretStr = SecretStr("")  # postgresql://...; empty: SQLite at `path`. $POOLWATCH_STORE_URL when unset
     path: str = ""
     busy_timeout: Number = Field(30, ge=0)
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _url(cls, v: Any) -> Any:
+        text = "" if v is None else str(v)
+        if text and not text.startswith(("postgresql://", "postgres://")):
+            raise ValueError("allowed: '' (SQLite at store.path) or a postgresql://user:password@host:port/dbname URL")
+        return text
+
+
+class NodeSettings(_Section):
+    name: str = ""  # '' = this machine's host name
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", v):
+            raise ValueError("allowed: '' (the host name) or 1-63 letters, digits, '.', '_' or '-' (a letter or digit first)")
+        return v
+
+
+class RaySettings(_Section):
+    address: str = ""  # '' = start a local cluster with this machine's cores; else e.g. ray://head:10001 or auto
+    num_actors: StrictInt = Field(0, ge=0)  # 0 = as many as the cluster's CPUs (or GPUs) allow
+    num_cpus_per_actor: Number = Field(1, gt=0)
+    num_gpus_per_actor: Number = Field(0, ge=0)
+    shard_size: StrictInt = Field(64, gt=0)  # files an actor turns into verdicts and vectors per call
 
 
 class NearDuplicateSettings(_Section):
@@ -275,6 +306,9 @@ class Config(_Section):
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
+    dump_dir: str = ""
     near_duplicate: NearDuplicateSettings = Field(default_factory=NearDuplicateSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
     source: SourceSettings = Field(default_factory=SourceSettings)
@@ -332,6 +366,20 @@ class Config(_Section):
     def store_path(self) -> Path:
         return self.resolve_shared(self.store.path) if self.store.path else self.shared_path / "poolwatch.db"
 
+    @property
+    def store_url(self) -> str:
+        """The PostgreSQL URL of a shared store ('' for SQLite): store.url, else $POOLWATCH_STORE_URL."""
+        return self.store.url.get_secret_value() or os.environ.get("POOLWATCH_STORE_URL", "")
+
+    @property
+    def node_name(self) -> str:
+        return self.node.name or socket.gethostname()
+
+    @property
+    def dump_path(self) -> Path | None:
+        """Where this node writes the selected images it holds (dump_dir); None: into the run's own folder."""
+        return Path(self.dump_dir).expanduser().resolve() if self.dump_dir else None
+
     def resolve_shared(self, path: str) -> Path:
         """A path from the configuration, relative to shared_dir unless absolute."""
         p = Path(path).expanduser()
@@ -367,6 +415,8 @@ class Config(_Section):
         data = self.model_dump(mode="json")
         secret = self.token.get_secret_value()
         data["token"] = (MASK if secret else "") if mask else secret
+        url = self.store.url.get_secret_value()
+        data["store"]["url"] = mask_url(url) if mask else url
         return data
 
     def to_yaml(self) -> str:
@@ -374,6 +424,18 @@ class Config(_Section):
 
     def to_json(self) -> str:
         return json.dumps(self.resolved(mask=True), sort_keys=True)
+
+
+def mask_url(url: str) -> str:
+    """A store URL fit for a log line or an output file: its password (and a password= parameter) masked."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", f":{MASK}@", 1)
+    query = re.sub(r"(?i)(password=)[^&]*", rf"\g<1>{MASK}", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -498,7 +560,7 @@ def _format_validation_error(err: ValidationError, data: dict[str, Any]) -> str:
         else:
             break
     key = ".".join(key_parts) or "config"
-    value = MASK if key == "token" else first.get("input")
+    value = MASK if key in ("token", "store.url") else first.get("input")
     if first["type"] == "extra_forbidden":
         return f"{key}: unknown key (value {value!r}); allowed: {_allowed_keys(key_parts[:-1])}"
     if first["type"] == "literal_error":

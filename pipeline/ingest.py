@@ -98,11 +98,16 @@ def decode_batches(refs: Sequence[FileRef], settings: DecodeSettings, batch_size
         yield in_flight.collect()
 
 
-def commit_batch(store: Store, embedder: Engine, model_id: int, decoded: Sequence[Decoded],
+def commit_batch(store: Store, embedder: Engine | None, model_id: int, decoded: Sequence[Decoded],
                  remove_duplicates: bool = True, clock: Callable[[], float] = time.perf_counter,
-                 near: NearDuplicates | None = None) -> BatchResult:
+                 near: NearDuplicates | None = None,
+                 embedded: Callable[[dict[int, np.ndarray]], tuple[dict[int, np.ndarray], dict[int, str]]] | None = None,
+                 ) -> BatchResult:
     """Embed the batch's good images (skipping content duplicates), look their near duplicates up (`near`), and
-    record all of it in ONE transaction; then hand the new vectors to `near`'s index."""
+    record all of it in ONE transaction; then hand the new vectors to `near`'s index.
+
+    `embedded` replaces the embedder where the vectors were made elsewhere (Ray actors): given the pixels to
+    embed by batch position, it returns what `embed_resilient` would (vectors, errors) for those positions."""
     result = BatchResult(files=len(decoded))
     batch_hashes: dict[str, int] = {}  # hash -> position of its first ok image in this batch
     dup_of_pos: dict[int, int | str] = {}  # position -> image id (store) or "pos:<i>" (batch)
@@ -124,7 +129,13 @@ def commit_batch(store: Store, embedder: Engine, model_id: int, decoded: Sequenc
         to_embed.append(pos)
 
     t0 = clock()
-    vector_of, failed = embed_resilient(embedder, {p: px for p in to_embed if (px := decoded[p].pixels) is not None})
+    wanted = {p: px for p in to_embed if (px := decoded[p].pixels) is not None}
+    if embedded is not None:
+        vector_of, failed = embedded(wanted)
+    elif embedder is not None:
+        vector_of, failed = embed_resilient(embedder, wanted)
+    else:
+        raise ValueError("commit_batch needs an embedder or the vectors made elsewhere")
     result.compute_seconds = clock() - t0
     result.embed_failures = failed
 
