@@ -101,13 +101,13 @@ def decode_batches(refs: Sequence[FileRef], settings: DecodeSettings, batch_size
 def commit_batch(store: Store, embedder: Engine | None, model_id: int, decoded: Sequence[Decoded],
                  remove_duplicates: bool = True, clock: Callable[[], float] = time.perf_counter,
                  near: NearDuplicates | None = None,
-                 embedded: Callable[[dict[int, np.ndarray]], tuple[dict[int, np.ndarray], dict[int, str]]] | None = None,
+                 embedded: Callable[[list[int]], tuple[dict[int, np.ndarray], dict[int, str]]] | None = None,
                  ) -> BatchResult:
     """Embed the batch's good images (skipping content duplicates), look their near duplicates up (`near`), and
     record all of it in ONE transaction; then hand the new vectors to `near`'s index.
 
-    `embedded` replaces the embedder where the vectors were made elsewhere (Ray actors): given the pixels to
-    embed by batch position, it returns what `embed_resilient` would (vectors, errors) for those positions."""
+    `embedded` replaces the embedder where the vectors were made elsewhere (Ray actors, which send no pixels):
+    given the batch positions to embed, it returns what `embed_resilient` would (vectors, errors) for them."""
     result = BatchResult(files=len(decoded))
     batch_hashes: dict[str, int] = {}  # hash -> position of its first ok image in this batch
     dup_of_pos: dict[int, int | str] = {}  # position -> image id (store) or "pos:<i>" (batch)
@@ -129,11 +129,10 @@ def commit_batch(store: Store, embedder: Engine | None, model_id: int, decoded: 
         to_embed.append(pos)
 
     t0 = clock()
-    wanted = {p: px for p in to_embed if (px := decoded[p].pixels) is not None}
     if embedded is not None:
-        vector_of, failed = embedded(wanted)
+        vector_of, failed = embedded(to_embed)
     elif embedder is not None:
-        vector_of, failed = embed_resilient(embedder, wanted)
+        vector_of, failed = embed_resilient(embedder, {p: px for p in to_embed if (px := decoded[p].pixels) is not None})
     else:
         raise ValueError("commit_batch needs an embedder or the vectors made elsewhere")
     result.compute_seconds = clock() - t0
