@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import os
@@ -15,11 +16,28 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[Any]:
+    """A real PostgreSQL server in a temp dir for the length of a bench (the tests' own, tests/pg_server.py)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.pg_server import Server
+
+    server = Server()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def photo(seed: int, size: tuple[int, int]) -> Image.Image:

@@ -1,6 +1,6 @@
-"""Store at scale: load all vectors of a run from 1M rows; reconcile 100k unchanged files.
+"""Store at scale: load all vectors of a run from 1M rows (SQLite vs PostgreSQL); reconcile 100k unchanged files.
 
-    python bench/store.py                 # 1,000,000 vectors (d=32), 100,000 files
+    python bench/store.py                 # 1,000,000 vectors (d=32), 100,000 files; needs PostgreSQL's server binaries
     python bench/store.py --smoke         # seconds, for CI
 
 Prints the time to build the candidate matrix of a sampling run (ids + N×d float32) from the store,
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import machine
+from _common import machine, postgres_server
 
 from poolwatch.pipeline.decode import DecodeSettings
 from poolwatch.pipeline.embed import Embedder, ModelSpec, load_model
@@ -30,41 +30,69 @@ def rss_mb() -> float:
 
 
 def fill(store: Store, n: int, dim: int, model_id: int) -> None:
+    """n ok images with a vector each, written the fastest way each engine takes rows (COPY on PostgreSQL)."""
     rng = np.random.default_rng(0)
     now = time.time()
     chunk = 50_000
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
         vecs = rng.normal(size=(m, dim)).astype(np.float32)
+        root = store.b.path("/bench")
+        images = [(start + i + 1, "bench", root, store.b.path(f"d{(start + i) // 1000:04d}/img_{start + i:07d}.jpg"),
+                   1, 1, f"h{start + i}", "ok", now, now) for i in range(m)]
+        vectors = [(start + i + 1, model_id, vecs[i].tobytes(), vector_hash(vecs[i]), start + i + 1) for i in range(m)]
         with store.transaction():
-            store.conn.executemany(
-                "INSERT INTO images (id, root, relpath, size, mtime_ns, hash, status, first_seen, updated)"
-                " VALUES (?, '/bench', ?, 1, 1, ?, 'ok', ?, ?)",
-                ((start + i + 1, f"d{(start + i) // 1000:04d}/img_{start + i:07d}.jpg", f"h{start + i}", now, now)
-                 for i in range(m)))
-            store.conn.executemany(
-                "INSERT INTO embeddings (image_id, model_id, vector, vhash) VALUES (?,?,?,?)",
-                ((start + i + 1, model_id, vecs[i].tobytes(), vector_hash(vecs[i])) for i in range(m)))
+            if store.dialect == "postgresql":
+                conn = store.b.conn  # type: ignore[attr-defined]
+                with conn.cursor() as cur:
+                    with cur.copy("COPY images (id, node, root, relpath, size, mtime_ns, hash, status, first_seen, updated)"
+                                  " FROM STDIN") as copy:
+                        for row in images:
+                            copy.write_row(row)
+                    with cur.copy("COPY embeddings (image_id, model_id, vector, vhash, seq) FROM STDIN") as copy:
+                        for row in vectors:
+                            copy.write_row(row)
+            else:
+                store.b.executemany("INSERT INTO images (id, node, root, relpath, size, mtime_ns, hash, status, first_seen,"
+                                    " updated) VALUES (?,?,?,?,?,?,?,?,?,?)", images)
+                store.b.executemany("INSERT INTO embeddings (image_id, model_id, vector, vhash, seq) VALUES (?,?,?,?,?)",
+                                    vectors)
+    if store.dialect == "postgresql":
+        store.b.execute("ANALYZE")
 
 
-def bench_load(work: Path, n: int, dim: int) -> None:
-    with Store.open(work / "big.db") as store:
-        model_id = store.register_model(weights_hash="bench", input_size=64, source="random", detail="bench",
-                                        arch={"name": "bench"}, dim=dim, path=None)
-        t = time.perf_counter()
-        fill(store, n, dim, model_id)
-        print(f"fill {n} rows: {time.perf_counter() - t:.1f}s")
+def bench_load(work: Path, n: int, dim: int, rounds: int) -> None:
+    """A run's vector load (ids + N×d float32 of every candidate) from SQLite and from PostgreSQL, alternated."""
+    with postgres_server() as server:
+        stores = {"sqlite": Store.open(work / "big.db", node="bench"),
+                  "postgresql": Store.connect(server.url(server.database()), "bench")}
+        try:
+            model_id = 0
+            for name, store in stores.items():
+                model_id = store.register_model(weights_hash="bench", input_size=64, source="random", detail="bench",
+                                                arch={"name": "bench"}, dim=dim, path=None)
+                t = time.perf_counter()
+                fill(store, n, dim, model_id)
+                print(f"fill {name} with {n} rows: {time.perf_counter() - t:.1f}s")
+            times: dict[str, list[float]] = {name: [] for name in stores}
+            rss: dict[str, float] = {}
+            for _ in range(rounds):
+                for name, store in stores.items():
+                    t = time.perf_counter()
+                    got_ids, matrix = store.candidate_vectors(model_id, None, False)
+                    times[name].append(time.perf_counter() - t)
+                    assert matrix.shape == (n, dim) and got_ids[0] == 1
+                    del got_ids, matrix
+                    rss[name] = rss_mb()
+        finally:
+            for store in stores.values():
+                store.close()
     size = (work / "big.db").stat().st_size + sum(p.stat().st_size for p in work.glob("big.db-*"))
-    base = rss_mb()
-    with Store.open(work / "big.db") as store:
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            got_ids, matrix = store.candidate_vectors(model_id, None, False)
-            times.append(time.perf_counter() - t)
-            assert matrix.shape == (n, dim)
-    print(f"| load all vectors for a run ({n:,}×{dim}) | {np.median(times):.2f} s (median of 3) | "
-          f"DB {size / 2**20:.0f} MB | peak RSS {rss_mb():.0f} MB (before {base:.0f} MB) |")
+    for name in stores:
+        print(f"| load all vectors for a run ({n:,}×{dim}), {name} | {np.median(times[name]):.2f} s (median of {rounds}) |"
+              f" {', '.join(f'{x:.2f}' for x in times[name])} | peak RSS so far {rss[name]:.0f} MB |")
+    print(f"ratio postgresql / sqlite: {np.median(times['postgresql']) / np.median(times['sqlite']):.2f}  (SQLite file "
+          f"{size / 2**20:.0f} MB)")
 
 
 def bench_reconcile(work: Path, files: int) -> None:
@@ -83,10 +111,10 @@ def bench_reconcile(work: Path, files: int) -> None:
         with store.transaction():  # the files as already ingested, unchanged
             for p in root.rglob("*.jpg"):
                 st = p.stat()
-                store.conn.execute(
-                    "INSERT INTO images (root, relpath, size, mtime_ns, hash, status, first_seen, updated)"
-                    " VALUES (?,?,?,?,?, 'corrupt', ?, ?)",
-                    (str(root), str(p.relative_to(root)), st.st_size, st.st_mtime_ns, "h", now, now))
+                store.b.execute(
+                    "INSERT INTO images (node, root, relpath, size, mtime_ns, hash, status, first_seen, updated)"
+                    " VALUES (?,?,?,?,?,?, 'corrupt', ?, ?)",
+                    (store.node, str(root), str(p.relative_to(root)), st.st_size, st.st_mtime_ns, "h", now, now))
         t = time.perf_counter()
         summary = ingest_pass(store, embedder, model_id, [root], DecodeSettings(input_size=32), 64)
         seconds = time.perf_counter() - t
@@ -99,14 +127,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=32)
     ap.add_argument("--files", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
-        args.n, args.files = 2_000, 500
+        args.n, args.files, args.rounds = 2_000, 500, 1
     print(f"machine: {machine()}")
     work = Path(tempfile.mkdtemp(prefix="pw-bench-store-"))
     try:
-        bench_load(work, args.n, args.dim)
+        bench_load(work, args.n, args.dim, args.rounds)
         bench_reconcile(work, args.files)
     finally:
         shutil.rmtree(work, ignore_errors=True)

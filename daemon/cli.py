@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from poolwatch import __version__
 from poolwatch.pipeline.config import Config, load_config
 from poolwatch.pipeline.errors import EXIT_FAILED, PoolwatchError, StateError, UsageError
-from poolwatch.pipeline.store import Store
+from poolwatch.pipeline.store import Store, open_store
 
 from . import runtime
 from .lock import ShareLock, running_daemon
@@ -118,10 +118,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     return COMMANDS[args.command](config, args)
 
 
-def open_store(config: Config) -> Store:
-    return Store.open(config.store_path, busy_timeout=float(config.store.busy_timeout))
-
-
 def cmd_ingest(config: Config, args: argparse.Namespace) -> int:
     summary = ingest_once(config)
     rate = summary.processed / summary.seconds if summary.seconds > 0 else 0.0
@@ -179,7 +175,7 @@ def ingest_once(config: Config) -> PassSummary:
         model_id = activate_model(store, embedder)
         near = open_near(store, model_id, config)
         calibrated_before = near.calibration if near is not None else None
-        log.info("ingest pass over %s into %s", ", ".join(map(str, config.input_paths)), config.store_path)
+        log.info("ingest pass over %s into %s", ", ".join(map(str, config.input_paths)), config.store_label)
 
         def on_plan(n: int) -> None:
             bar.reset(total=n)
@@ -212,11 +208,11 @@ def ingest_once(config: Config) -> PassSummary:
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
-    if not config.store_path.exists():
-        raise UsageError(f"no store at {config.store_path}; run `poolwatch ingest` first (or set shared_dir=)")
+    if not config.has_store():
+        raise UsageError(f"no store at {config.store_label}; run `poolwatch ingest` first (or set shared_dir=)")
     with open_store(config) as store:
         data = store.summary()
-        data["store"] = str(config.store_path)
+        data["store"] = config.store_label
         data.update(verdict_summary(store, config))
     if args.json:
         print(json.dumps(data, indent=2))
@@ -305,8 +301,8 @@ def cmd_near_duplicates(config: Config, args: argparse.Namespace) -> int:
     from poolwatch.pipeline.export import Naming
     from poolwatch.pipeline.sampling import near_duplicate_groups
 
-    if not config.store_path.exists():
-        raise UsageError(f"no store at {config.store_path}; run `poolwatch ingest` first (or set shared_dir=)")
+    if not config.has_store():
+        raise UsageError(f"no store at {config.store_label}; run `poolwatch ingest` first (or set shared_dir=)")
     with open_store(config) as store:
         groups = near_duplicate_groups(store, Naming.for_roots([str(p) for p in config.input_paths]))
     if args.json:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from poolwatch.pipeline.config import Config
 from poolwatch.pipeline.engine import CALIBRATION_COUNT
 from poolwatch.pipeline.ingest import activate_model
-from poolwatch.pipeline.store import Store
+from poolwatch.pipeline.store import open_store
 
 from . import runtime
 from .component import ThreadComponent
@@ -83,7 +83,7 @@ class ModelManager(ThreadComponent):
 
     def _activate(self, cfg: Config, embedder: Engine) -> tuple[int, int, int]:
         """Register and make current; returns (model id, images covered, images in all)."""
-        with Store.open(cfg.store_path, float(cfg.store.busy_timeout)) as store:
+        with open_store(cfg) as store:
             model_id = activate_model(store, embedder)
             done, total = store.coverage(model_id)
             for pool, size in store.pools().items():
@@ -135,7 +135,7 @@ class ModelManager(ThreadComponent):
             return
         cfg, state = self.settings(), self.current()
         try:
-            with Store.open(cfg.store_path, float(cfg.store.busy_timeout)) as store:
+            with open_store(cfg) as store:
                 if not runtime.awaits_calibration(store, state.embedder) or store.count_ok() < CALIBRATION_COUNT:
                     return
             log.info("the store holds %d ok images or more: calibrating int8 on them", CALIBRATION_COUNT)
@@ -159,7 +159,7 @@ class ModelManager(ThreadComponent):
         """Re-embedding progress; once the current model covers every image, older vectors go."""
         cfg, model_id = self.settings(), self.current().model_id
         try:
-            with Store.open(cfg.store_path, float(cfg.store.busy_timeout)) as store:
+            with open_store(cfg) as store:
                 done, total = store.coverage(model_id)
                 self.metrics.reembedding.set(done / total if total else 1.0)
                 if done >= total and not self.sampler_running() and store.drop_old_vectors():

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from poolwatch.pipeline.config import Config
 from poolwatch.pipeline.discover import InputDirError, discover, plan
-from poolwatch.pipeline.store import Store
+from poolwatch.pipeline.store import open_store
 
 from .component import ThreadComponent
 from .ingest_queue import IngestQueue, Item
@@ -135,7 +135,7 @@ class Reconciler(ThreadComponent):
         queued = gone_total = 0
         self.scanning = True
         try:
-            with Store.open(cfg.store_path, float(cfg.store.busy_timeout)) as store:
+            with open_store(cfg) as store:
                 for root in cfg.input_paths:
                     if self.stopping.is_set():
                         return

@@ -29,7 +29,7 @@ from poolwatch.pipeline.engine import choose_mode as engine_choose_mode
 from poolwatch.pipeline.errors import ModelError
 from poolwatch.pipeline.modelspec import DEFAULT_INIT_SEED, ModelInfo, ModelSpec, file_sha256, find_weights, random_init_seed
 from poolwatch.pipeline.openvino_engine import OpenVINOEngine
-from poolwatch.pipeline.store import Store
+from poolwatch.pipeline.store import Store, open_store
 
 from .decode_pool import DecodePool
 
@@ -155,12 +155,12 @@ def log_ineffective_lightly_keys(config: Config) -> None:
 
 def trained_model_path(config: Config, store: Store | None = None) -> Path | None:
     """The store's current model when training made it for this architecture (it outlives restarts)."""
-    if config.checkpoint or config.model.onnx or (store is None and not config.store_path.exists()):
+    if config.checkpoint or config.model.onnx or (store is None and not config.has_store()):
         return None
     spec = ModelSpec.from_lightly(config.lightly)
     with contextlib.ExitStack() as stack:
         if store is None:
-            store = stack.enter_context(Store.open(config.store_path, float(config.store.busy_timeout)))
+            store = stack.enter_context(open_store(config))
         current = store.current_model()
     if current is None or current.source != "trained" or not current.path or not Path(current.path).is_file():
         return None
@@ -237,7 +237,7 @@ def load_engine(config: Config, trained: Path | None = None,
     """
     with contextlib.ExitStack() as stack:
         if store is None:  # the mode is decided once per store and recorded there: a new store is made now
-            store = stack.enter_context(Store.open(config.store_path, float(config.store.busy_timeout)))
+            store = stack.enter_context(open_store(config))
         on_gpu = _wants_cuda(config)
         openvino_ok = config.model.runtime == "auto" and not on_gpu and _openvino_loads()
         if config.model.runtime == "auto" and not on_gpu and not openvino_ok:
@@ -339,8 +339,8 @@ def load_torch_model(config: Config) -> LoadedModel:
 
     with contextlib.ExitStack() as stack:
         store = None
-        if config.store_path.exists():
-            store = stack.enter_context(Store.open(config.store_path, float(config.store.busy_timeout)))
+        if config.has_store():
+            store = stack.enter_context(open_store(config))
         spec, args = _lightly_args(config, store, None)
     model = load_model(spec, models_dir=config.shared_path / "models", **args)
     for note in model.notes:

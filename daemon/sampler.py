@@ -15,7 +15,7 @@ from collections.abc import Callable
 from poolwatch.pipeline.config import Config
 from poolwatch.pipeline.errors import PoolwatchError
 from poolwatch.pipeline.sampling import sample_run, validate_sampling
-from poolwatch.pipeline.store import Store
+from poolwatch.pipeline.store import Store, open_store
 
 from .component import ThreadComponent
 from .metrics import Metrics
@@ -67,7 +67,7 @@ class Sampler(ThreadComponent):
 
     def run(self) -> None:
         config = self.settings()
-        with Store.open(config.store_path, float(config.store.busy_timeout)) as store:
+        with open_store(config) as store:
             recover_runs(store, config.shared_path)
             while True:
                 with self._cond:

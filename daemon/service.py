@@ -77,7 +77,7 @@ class Service:
             # during start-up ends it between two components.
             if not self.supervisor.start(abort=self.signals.stopping.is_set):
                 return 0
-            self.store_identity = file_identity(self.config.store_path)
+            self.store_identity = None if self.config.store_url else file_identity(self.config.store_path)
             code = EXIT_FAILED
             try:
                 if self.config.schedule.on_startup and not self.signals.stop_requested:
@@ -155,7 +155,7 @@ class Service:
                     log.info("received SIGUSR1: sampling run %s", self.sampler.request("signal"))
                 elif sig == signal.SIGHUP:
                     self.reload()
-            if file_identity(self.config.store_path) != self.store_identity:
+            if not self.config.store_url and file_identity(self.config.store_path) != self.store_identity:
                 # Before any restart: a component restarted now would open (and create) a new, empty store.
                 log.error("the store %s was removed or replaced while running; stopping (nothing more is written "
                           "to it; start poolwatch again to use a new store)", self.config.store_path)

@@ -22,7 +22,7 @@ from poolwatch.pipeline.ingest import MAX_EMBED_ATTEMPTS, BatchResult, InFlight,
 from poolwatch.pipeline.near_duplicates import NearDuplicates
 from poolwatch.pipeline.quality import flags_of
 from poolwatch.pipeline.sources import source_of
-from poolwatch.pipeline.store import Store
+from poolwatch.pipeline.store import Store, open_store
 
 from .component import ThreadComponent
 from .decode_pool import DecodeWorkers
@@ -72,7 +72,7 @@ class Worker(ThreadComponent):
 
     def run(self) -> None:
         cfg = self.settings()
-        store = Store.open(cfg.store_path, float(cfg.store.busy_timeout))
+        store = open_store(cfg)
         pending: _Batch | None = None
         try:
             while not self.stopping.is_set():

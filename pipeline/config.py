@@ -372,6 +372,15 @@ class Config(_Section):
         return self.store.url.get_secret_value() or os.environ.get("POOLWATCH_STORE_URL", "")
 
     @property
+    def store_label(self) -> str:
+        """The store for a log line or an output: the SQLite file, or the URL with its password masked."""
+        return mask_url(self.store_url) if self.store_url else str(self.store_path)
+
+    def has_store(self) -> bool:
+        """A shared store always exists (its server is asked when opened); a SQLite one once its file does."""
+        return bool(self.store_url) or self.store_path.exists()
+
+    @property
     def node_name(self) -> str:
         return self.node.name or socket.gethostname()
 

@@ -198,6 +198,16 @@ def commit_batch(store: Store, embedder: Engine | None, model_id: int, decoded: 
                     result.corrupt_reasons["embed_error"] = result.corrupt_reasons.get("embed_error", 0) + 1
                     result.outcomes.append(outcome)
                 continue
+            if remove_duplicates and d.hash is not None:
+                # Another node of a shared store may have committed the same bytes since the check above.
+                raced = store.first_ok_with_hash(d.hash, exclude_id=_row_id(rows.get(pos)))
+                if raced is not None:
+                    ids[pos] = store.upsert_image(replace(base, status="duplicate", reason="same_content",
+                                                          detail=f"identical bytes to image {raced}", duplicate_of=raced))
+                    ok_id[pos] = raced
+                    result.duplicate += 1
+                    result.outcomes.append(replace(outcome, verdict="duplicate"))
+                    continue
             vec = vector_of[pos]
             if remove_duplicates:
                 vh = vector_hash(vec)

@@ -112,6 +112,9 @@ class NearDuplicates:
         self._saved_at = clock()
         self._pool_key: tuple[Any, ...] | None = None
         self._pool: VectorIndex | None = None
+        self.seq = 0  # the store's vector commits (of this model) the index holds up to
+        self._recent: dict[int, int] = {}  # id -> tag of the vectors this process added since the last catch-up
+        self.caught_up = 0  # vectors other processes (nodes) committed that the index took in since it opened
 
     # ---- opening: load, repair or rebuild ------------------------------------------------------
     @classmethod
@@ -129,6 +132,7 @@ class NearDuplicates:
         calibration = recorded_calibration(store, model_id, normalize)
         near = cls(model_id, model.weights_hash, model.dim, folder, normalize, index, calibration, clock)
         near.rebuilt = not meta_ok
+        near.seq = store.last_seq(model_id)  # before the repair reads the store: a commit in between is caught up on
         near.repaired = near.repair(store)
         if near.repaired or near.rebuilt:
             near.save()
@@ -149,6 +153,19 @@ class NearDuplicates:
             self.index.add(ids, self._prepare(vectors), tags)
         return len(stale) + len(todo)
 
+    def catch_up(self, store: Store) -> int:
+        """Take in the vectors other processes (other nodes of a shared store) committed since the last call: an
+        incremental query by commit sequence. Returns how many were added."""
+        ids, tags, self.seq = store.tags_since(self.model_id, self.seq)
+        recent, self._recent = self._recent, {}
+        missing = [int(i) for i, t in zip(ids.tolist(), tags.tolist(), strict=True) if recent.get(i) != t]
+        if missing:
+            found, vectors, found_tags = store.vectors_of(self.model_id, missing)
+            self.index.add(found, self._prepare(vectors), found_tags)
+            self._unsaved += len(found)
+            self.caught_up += len(found)
+        return len(missing)
+
     def _prepare(self, vectors: np.ndarray) -> np.ndarray:
         v = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
         return normalized(v) if self.normalize else v
@@ -165,6 +182,7 @@ class NearDuplicates:
         position to the id its file already has (a changed file must not find its own older vector)."""
         start = time.perf_counter()
         out = Lookup()
+        self.catch_up(store)
         positions = sorted(vectors)
         if not positions:
             return out
@@ -219,6 +237,7 @@ class NearDuplicates:
         tags = np.fromiter((vector_tag(vector_hash(v)) for v in matrix), dtype=np.int64, count=len(matrix))
         self.index.add(np.asarray(ids, dtype=np.int64), self._prepare(matrix), tags)
         self._unsaved += len(ids)
+        self._recent.update(zip((int(i) for i in ids), tags.tolist(), strict=True))
 
     def _pool_index(self, store: Store, pool: str) -> VectorIndex | None:
         key = (pool, *store.pool_version(pool))

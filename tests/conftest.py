@@ -50,6 +50,61 @@ def own_artifact_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("POOLWATCH_ARTIFACTS", raising=False)
 
 
+def _required(what: str) -> None:
+    """Skip for want of `what`, except under CI=true, where a missing server or extra fails the run."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} (CI=true: the test command installs it; nothing may be skipped for it)")
+    pytest.skip(what)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """One real PostgreSQL server for the session (tests/pg_server.py)."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _required("psycopg is not installed: pip install 'poolwatch[postgres]'")
+    from .pg_server import Server, ServerMissing
+
+    try:
+        server = Server()
+    except ServerMissing as exc:
+        _required(str(exc))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server: Any) -> Iterator[str]:
+    """The URL of a fresh database on the session's PostgreSQL server."""
+    name = postgres_server.database()
+    yield postgres_server.url(name)
+    postgres_server.drop(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """'' (SQLite under the test's shared_dir) or the URL of a fresh PostgreSQL database: a test that takes it
+    runs on both backends."""
+    if request.param == "sqlite":
+        return ""
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def open_test_store(store_url: str, tmp_path: Path) -> Any:
+    """`open(node=None)` opens the test's store (either backend) as a node."""
+    from poolwatch.pipeline.store import Store
+
+    def open_(node: str | None = None) -> Store:
+        if store_url:
+            return Store.connect(store_url, node)
+        return Store.open(tmp_path / "shared" / "poolwatch.db", node=node)
+
+    return open_
+
+
 @pytest.fixture(autouse=True)
 def no_daemon_survives():
     """A daemon a test started (tests/test_daemon.py's `Daemon`) never outlives the test, failed or not.
