@@ -31,8 +31,11 @@ RUN groupadd --gid "${GID}" poolwatch \
 WORKDIR /src
 # Dependencies first, from pyproject.toml + constraints.txt alone, so that a change to the code does not
 # download torch again. torch/torchvision are PyPI's default (CUDA) wheels: CPU here, GPUs with --gpus all.
+# EXTRAS: pyproject's optional dependencies to add, comma-separated: postgres (a shared store, the default),
+# ray (`poolwatch ingest --ray`, a Ray node): `docker build --build-arg EXTRAS=postgres,ray -t poolwatch:ray .`
+ARG EXTRAS=postgres
 COPY pyproject.toml constraints.txt ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN python -c "import os, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = [e for e in os.environ['EXTRAS'].split(',') if e]; print('\n'.join(p['dependencies'] + [d for e in x for d in p['optional-dependencies'][e]]))" \
         > /tmp/requirements.txt \
     && pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
