@@ -264,9 +264,9 @@ WORST_EXAMPLES = 3  # per quality flag, in `poolwatch status`
 
 def verdict_summary(store: Store, config: Config) -> dict[str, Any]:
     """The near-duplicate and quality part of `poolwatch status`."""
-    from poolwatch.pipeline.export import Naming
     from poolwatch.pipeline.near_duplicates import effective_threshold, recorded_calibration
     from poolwatch.pipeline.near_threshold import MIN_IMAGES
+    from poolwatch.pipeline.sampling import store_naming
 
     model = store.current_model()
     calibration = recorded_calibration(store, model.id, config.normalize_embeddings) if model is not None else None
@@ -278,13 +278,14 @@ def verdict_summary(store: Store, config: Config) -> dict[str, Any]:
         state = f"threshold auto: calibrated once the store holds {MIN_IMAGES} images of the current model"
     else:
         state = "on"
-    naming = Naming.for_roots([str(p) for p in config.input_paths])
+    naming = store_naming(store, config)
     rules = config.quality.rules()
     worst: dict[str, list[dict[str, Any]]] = {}
     for flag, rule in rules.items():
         found = store.worst_quality(rule, WORST_EXAMPLES)
         if found:
-            worst[flag] = [{"path": naming.name(root, rel), "value": value} for _i, root, rel, value in found]
+            where = store.locations(i for i, *_rest in found)
+            worst[flag] = [{"path": naming.name(where[i].node, root, rel), "value": value} for i, root, rel, value in found]
     return {
         "near_duplicates": {
             "state": state, "threshold": threshold,
@@ -298,13 +299,12 @@ def verdict_summary(store: Store, config: Config) -> dict[str, Any]:
 
 
 def cmd_near_duplicates(config: Config, args: argparse.Namespace) -> int:
-    from poolwatch.pipeline.export import Naming
-    from poolwatch.pipeline.sampling import near_duplicate_groups
+    from poolwatch.pipeline.sampling import near_duplicate_groups, store_naming
 
     if not config.has_store():
         raise UsageError(f"no store at {config.store_label}; run `poolwatch ingest` first (or set shared_dir=)")
     with open_store(config) as store:
-        groups = near_duplicate_groups(store, Naming.for_roots([str(p) for p in config.input_paths]))
+        groups = near_duplicate_groups(store, store_naming(store, config))
     if args.json:
         print(json.dumps(groups, indent=1, ensure_ascii=False))
         return EXIT_OK

@@ -114,6 +114,9 @@ class Metrics:
         self.images_per_second = Gauge("poolwatch_images_per_second", "Ingest throughput (smoothed)", registry=r)
         self.runs = Counter("poolwatch_sampling_runs_total", "Sampling runs, by trigger and outcome",
                             ["trigger", "outcome"], registry=r)
+        self.runs_skipped = Counter("poolwatch_sampling_runs_skipped_total",
+                                    "Scheduled sampling runs skipped because another node's run held the store's lock",
+                                    ["trigger"], registry=r)
         self.run_seconds = Histogram("poolwatch_sampling_run_duration_seconds", "Duration of sampling runs",
                                      buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800), registry=r)
         self.last_candidates = Gauge("poolwatch_last_run_candidates", "Candidates of the last successful run", registry=r)

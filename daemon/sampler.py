@@ -1,8 +1,13 @@
 """Sampling runs in their own thread: at most one at a time; a trigger during a run queues ONE more.
 
 Triggers (schedule, SIGUSR1, start-up) only call `request()`; the thread runs
-`pipeline.sampling.sample_run` with its own store connection (a WAL snapshot read, one short write),
+`pipeline.sampling.sample_run` with its own store connection (a snapshot read, one short write),
 reading the daemon's settings snapshot when the run starts.
+
+On a store shared by many nodes one run at a time runs across all of them: the run holds the store's sampling
+lock. A scheduled (or start-up) run that finds it taken is skipped, logged and counted; any other trigger
+(SIGUSR1, `poolwatch trigger`) waits for its turn. Between runs the thread writes the selected images this
+node holds of other nodes' runs that asked for a dump (`pipeline.sampling.dump_pending`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ from .metrics import Metrics
 from .runtime import recover_runs, release_free_memory, write_report
 
 log = logging.getLogger(__name__)
+
+SKIPPED_WHEN_LOCKED = ("schedule", "startup")  # triggers that skip a run another node is running; others wait
+LOCK_WAIT = 1.0  # seconds one wait for the sampling lock lasts before the thread looks at its stop flag again
+DUMP_CHECK = 10.0  # seconds between looks for other nodes' runs whose selected images this node holds
 
 
 class Sampler(ThreadComponent):
@@ -70,20 +79,50 @@ class Sampler(ThreadComponent):
         with open_store(config) as store:
             recover_runs(store, config.shared_path)
             while True:
+                self._dump_pending(store)
                 with self._cond:
-                    self._cond.wait_for(lambda: self._pending is not None or self.stopping.is_set())
+                    self._cond.wait_for(lambda: self._pending is not None or self.stopping.is_set(), timeout=DUMP_CHECK)
                     if self.stopping.is_set():
                         return
+                    if self._pending is None:
+                        continue
                     trigger, self._pending = self._pending, None
-                    assert trigger is not None
                     self.running = True
                 try:
-                    self._run_once(store, trigger)
-                    release_free_memory()  # a run's matrices and report are gone: give their pages back
+                    if self._take_lock(store, trigger):
+                        try:
+                            self._run_once(store, trigger)
+                        finally:
+                            store.release_sampling_lock()
+                        release_free_memory()  # a run's matrices and report are gone: give their pages back
                 finally:
                     with self._cond:
                         self.running = False
                         self._cond.notify_all()
+
+    def _take_lock(self, store: Store, trigger: str) -> bool:
+        """The store's sampling lock for this run: a scheduled run skips when another node holds it; others wait."""
+        if store.try_sampling_lock():
+            return True
+        if trigger in SKIPPED_WHEN_LOCKED:
+            self.metrics.runs_skipped.labels(trigger).inc()
+            log.info("sampling run (trigger %s) skipped: another node's run holds the store's sampling lock", trigger)
+            return False
+        log.info("sampling run (trigger %s) waits for another node's run to finish", trigger)
+        while not self.stopping.is_set():
+            if store.try_sampling_lock(wait=LOCK_WAIT):
+                return True
+        log.info("sampling run (trigger %s) not started: stopping", trigger)
+        return False
+
+    def _dump_pending(self, store: Store) -> None:
+        from poolwatch.pipeline.sampling import dump_pending
+
+        try:
+            for run_id, written, where in dump_pending(store, self.settings()):
+                log.info("run %d: wrote the %d selected images this node holds into %s", run_id, written, where)
+        except Exception:  # a failed dump is recorded and retried; the sampler carries on
+            log.warning("could not write the selected images of another node's run", exc_info=True)
 
     def _run_once(self, store: Store, trigger: str) -> None:
         config = self.settings()

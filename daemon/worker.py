@@ -35,6 +35,7 @@ from .runtime import decode_settings, release_free_memory
 log = logging.getLogger(__name__)
 
 STALL_SECONDS = 300.0  # busy this long without finishing a batch: /healthz says unhealthy
+IDLE_CHECK = 5.0  # seconds between idle looks for a near-duplicate threshold another node calibrated
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Worker(ThreadComponent):
         self.batches = 0
         self.near: NearDuplicates | None = None
         self._near_key: tuple[int, bool, bool] | None = None  # (model, normalised, on) the check was opened for
+        self._idle_checked = 0.0
 
     def stalled(self) -> bool:
         return self.busy and time.monotonic() - self.last_progress > STALL_SECONDS
@@ -90,6 +92,8 @@ class Worker(ThreadComponent):
                     self._finish(store, pending, cfg)
                     pending = None
                 model = self.models.current()
+                if not items and pending is None:
+                    self._idle(store, model, cfg)
                 refs = self._prepare(store, items, model.model_id) if items else []
                 following = None
                 if refs:
@@ -150,6 +154,24 @@ class Worker(ThreadComponent):
             self.near.configure(cfg)
         return self.near
 
+    def _idle(self, store: Store, model: ModelState, cfg: Config) -> None:
+        """While there is nothing to ingest: a threshold another node of a shared store calibrated is taken up
+        (and the images stored so far linked by it) without waiting for this node's next file."""
+        near = self.near
+        if near is None or not near.auto or near.calibration is not None or near.model_id != model.model_id:
+            return
+        now = time.monotonic()
+        if now - self._idle_checked < IDLE_CHECK:
+            return
+        self._idle_checked = now
+        self._calibrated(store, model, cfg, near)
+
+    def _calibrated(self, store: Store, model: ModelState, cfg: Config, near: NearDuplicates) -> None:
+        calibration = near.ensure_calibrated(store, model.embedder, decode_settings(cfg, model.embedder))
+        if calibration is not None:
+            log_calibrated(model.model_id, calibration, near.backfilled)
+            self.metrics.near_duplicate_threshold.set(calibration.threshold)
+
     def _finish(self, store: Store, batch: _Batch, cfg: Config) -> None:
         start = time.perf_counter()
         decoded = batch.in_flight.collect()
@@ -161,11 +183,7 @@ class Worker(ThreadComponent):
         self._count(result, cfg, near, len(decoded), seconds)
         if near is not None:
             # This batch may be the one that makes the store large enough to calibrate the threshold on.
-            model = batch.model
-            calibration = near.ensure_calibrated(store, model.embedder, decode_settings(cfg, model.embedder))
-            if calibration is not None:
-                log_calibrated(model.model_id, calibration, near.backfilled)
-                self.metrics.near_duplicate_threshold.set(calibration.threshold)
+            self._calibrated(store, batch.model, cfg, near)
             near.save_if_due()
         if result.embed_failures:
             log.warning("the model failed on %d image(s) of a batch; they are retried (at most %d attempts)",

@@ -61,6 +61,36 @@ class Naming:
         return (plain[0], filename) if plain else None
 
 
+@dataclass(frozen=True)
+class StoreNaming:
+    """Output filenames of a store's images, by (node, root, relpath). A store that one node fills keeps
+    `Naming`'s names; where more than one node holds images, every name is `<node>/` + the name that node's own
+    `Naming` gives (its input dirs: this node's from its configuration, another's as recorded in the store)."""
+
+    own: str
+    nodes: dict[str, Naming]
+
+    @property
+    def multi(self) -> bool:
+        return len(self.nodes) > 1
+
+    def name(self, node: str, root: str, relpath: str) -> str:
+        naming = self.nodes.get(node) or self.nodes.get(self.own) or Naming({})
+        name = naming.name(root, relpath)
+        return f"{printable(node)}/{name}" if self.multi else name
+
+    def parse(self, filename: str) -> tuple[str, str, str] | None:
+        """The (node, root, relpath) a filename written by `name` came from; None when none matches."""
+        node = self.own
+        if self.multi:
+            node, sep, filename = filename.partition("/")
+            node = from_printable(node)
+            if not sep or node not in self.nodes:
+                return None
+        parsed = self.nodes[node].parse(filename) if node in self.nodes else None
+        return (node, *parsed) if parsed is not None else None
+
+
 def printable(name: str) -> str:
     """A file name as text, reversibly (`from_printable`): undecodable bytes (surrogate-escaped by Python)
     become `\\xNN` and a backslash is doubled, so a file literally named `a\\xff.jpg` stays distinct."""

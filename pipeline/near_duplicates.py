@@ -272,17 +272,22 @@ class NearDuplicates:
         """With `near_duplicate.threshold=auto` (see `configure`): calibrate once the store holds enough images of
         the model, record it, and link the images stored before. Returns the new calibration (None: nothing done).
         A calibration that finds too few usable images is tried again when MIN_IMAGES more are stored."""
-        if not self.auto or self.calibration is not None or len(self.index) < max(MIN_IMAGES, self._calibrate_at):
+        if not self.auto or self.calibration is not None:
             return None
-        recorded = recorded_calibration(store, self.model_id, self.normalize)  # another process may have done it
+        recorded = recorded_calibration(store, self.model_id, self.normalize)  # another process (node) may have done it
         if recorded is None:
-            recorded = calibrate_from_store(store, engine, settings, self.normalize)
-            if recorded is None:
+            if len(self.index) < max(MIN_IMAGES, self._calibrate_at):
+                return None
+            mine = calibrate_from_store(store, engine, settings, self.normalize)
+            if mine is None:
                 self._calibrate_at = len(self.index) + MIN_IMAGES
                 return None
-            store.set_setting(threshold_key(self.model_id, self.normalize), recorded.as_dict())
+            # One threshold for every node of a shared store: the first node's to record it.
+            store.setting_once(threshold_key(self.model_id, self.normalize), mine.as_dict())
+            recorded = recorded_calibration(store, self.model_id, self.normalize) or mine
         self.calibration = recorded
         self.threshold = recorded.threshold
+        self.catch_up(store)  # another node's calibration: link against its images too
         self.backfilled = self.backfill(store, recorded.threshold)
         return recorded
 

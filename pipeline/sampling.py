@@ -18,7 +18,8 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import astuple, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from .coreset import SamplingError, kcenter, random_sample, resolve_n_samples
 from .export import (
     ExportError,
     Naming,
+    StoreNaming,
     dump_image,
     dump_name,
     labels_for,
@@ -38,7 +40,7 @@ from .export import (
     write_embeddings_csv,
     write_lines,
 )
-from .store import CandidateFilter, ImageRecord, Store
+from .store import CandidateFilter, ImageRecord, Location, Store
 
 TMP_PREFIX = ".tmp-"
 IMPORTED_ROOT_PREFIX = "embeddings:"
@@ -98,7 +100,8 @@ def recover(store: Store, shared: Path) -> list[str]:
     """Finish or clean up after a run that died: returns what was done, for the caller to log."""
     done: list[str] = []
     runs_dir = shared / "runs"
-    committed = {Path(r["output_dir"]).name: r["id"] for r in store.runs(limit=50) if r["status"] == "ok" and r["output_dir"]}
+    committed = {Path(r["output_dir"]).name: r["id"] for r in store.runs(limit=50)
+                 if r["status"] == "ok" and r["output_dir"] and r.get("node") in (store.node, None)}
     if runs_dir.is_dir():
         for tmp in runs_dir.glob(f"{TMP_PREFIX}*"):
             name = tmp.name[len(TMP_PREFIX):]
@@ -127,7 +130,8 @@ def runs_without_report(store: Store, recent: int = 50) -> list[int]:
     process stopped between the run's commit and the end of its report."""
     missing = []
     for r in store.runs(limit=recent):
-        folder = Path(r["output_dir"]) if r["status"] == "ok" and r["output_dir"] else None
+        own = r.get("node") in (store.node, None)  # another node's run folder is on that node
+        folder = Path(r["output_dir"]) if own and r["status"] == "ok" and r["output_dir"] else None
         if folder is not None and folder.is_dir() and not all((folder / f).is_file() for f in ("report.pdf", "report.json")):
             missing.append(int(r["id"]))
     return sorted(missing)
@@ -214,9 +218,11 @@ def sample_run(store: Store, config: Config, *, trigger: str, now: datetime | No
         _write_outputs(store, config, tmp, cand_ids_arr, cand, picked, selection.indices, fixed_ids_arr, fixed, removed)
         stages["outputs"] = time.perf_counter() - t
 
+        dumped = 0
         if config.dump_dataset:
             t = time.perf_counter()
-            _dump(store, config, tmp / "sampled", [int(i) for i in picked])
+            dest = tmp / "sampled" if config.dump_path is None else dump_folder(config, name)
+            dumped = _dump(store, config, dest, [int(i) for i in picked])
             stages["dump"] = time.perf_counter() - t
 
         decisions = [
@@ -224,7 +230,8 @@ def sample_run(store: Store, config: Config, *, trigger: str, now: datetime | No
             for rank, (image_id, dist) in enumerate(zip(picked, selection.distances, strict=True))
         ] + [(image_id, False, None, None) for image_id in removed]
         stats = {**(extra_stats or {}), "stages": stages, "pool_before": len(pool_ids), "preselected": len(preselected or []),
-                 "normalized": config.normalize_embeddings, "dim": int(cand.shape[1]) if cand.ndim == 2 else 0}
+                 "normalized": config.normalize_embeddings, "dim": int(cand.shape[1]) if cand.ndim == 2 else 0,
+                 "dump_requested": config.dump_dataset}
         store.finish_run(run_id, n_candidates=len(cand_ids_arr), n_selected=len(picked), stop_reason=selection.stop_reason,
                          output_dir=str(runs_dir / name), stats=stats, decisions=decisions, pool=pool,
                          pool_add=[int(i) for i in picked])
@@ -235,6 +242,8 @@ def sample_run(store: Store, config: Config, *, trigger: str, now: datetime | No
         raise
     os.replace(tmp, runs_dir / name)
     _link_latest(runs_dir, name)
+    if config.dump_dataset:  # this node's part; the other nodes write theirs when they see the run (dump_pending)
+        store.record_dump(run_id, status="ok", n_files=dumped, output_dir=str(dump_folder(config, name)))
     pool_after = len(pool_ids)
     if pool:
         pool_after = write_pool_files(store, config, pool, model_id, history_name=name)
@@ -244,24 +253,41 @@ def sample_run(store: Store, config: Config, *, trigger: str, now: datetime | No
                      pool_after, time.perf_counter() - started, stages)
 
 
-def output_names(store: Store, config: Config, ids: np.ndarray | list[int]) -> tuple[list[str], list[int]]:
+def store_naming(store: Store, config: Config) -> StoreNaming:
+    """How the store's images are named in outputs (export.StoreNaming): this node's input dirs from its
+    configuration, every other node's as the store records them."""
+    nodes = {node: Naming.for_roots([r for r in roots if not r.startswith(IMPORTED_ROOT_PREFIX)])
+             for node, roots in store.node_roots().items()}
+    nodes[store.node] = Naming.for_roots([str(p) for p in config.input_paths])
+    return StoreNaming(store.node, nodes)
+
+
+def output_names(store: Store, config: Config, ids: np.ndarray | list[int],
+                 naming: StoreNaming | None = None) -> tuple[list[str], list[int]]:
     """Output filenames and lightly labels of these images, in order."""
-    naming = Naming.for_roots([str(p) for p in config.input_paths])
-    paths = store.paths(ids)
+    naming = naming or store_naming(store, config)
+    where = store.locations(ids)
     names, labels = [], []
-    by_root: dict[str, list[str]] = {}
+    by_root: dict[tuple[str, str], list[str]] = {}
     for i in ids:
-        root, rel = paths[int(i)]
-        by_root.setdefault(root, []).append(rel)
+        loc = where[int(i)]
+        by_root.setdefault((loc.node, loc.root), []).append(loc.relpath)
     label_of = {}
-    for root, rels in by_root.items():
-        for rel, label in zip(rels, labels_for(rels, store.top_folders(root)), strict=True):
-            label_of[(root, rel)] = label
+    for (node, root), rels in by_root.items():
+        for rel, label in zip(rels, labels_for(rels, store.top_folders(root, node)), strict=True):
+            label_of[(node, root, rel)] = label
     for i in ids:
-        root, rel = paths[int(i)]
-        names.append(naming.name(root, rel) if not root.startswith(IMPORTED_ROOT_PREFIX) else rel)
-        labels.append(label_of[(root, rel)])
+        loc = where[int(i)]
+        imported = loc.root.startswith(IMPORTED_ROOT_PREFIX)
+        names.append(loc.relpath if imported else naming.name(loc.node, loc.root, loc.relpath))
+        labels.append(label_of[(loc.node, loc.root, loc.relpath)])
     return names, labels
+
+
+def _listed(config: Config, store: Store, row: dict[str, Any]) -> bool:
+    """Whether a corrupt or duplicate image belongs in a run's lists: this node's under its input dirs, and
+    every other node's (their input dirs are their own configuration's)."""
+    return row["node"] != store.node or row["root"] in {str(p) for p in config.input_paths}
 
 
 def _write_outputs(store: Store, config: Config, out: Path, cand_ids: np.ndarray, cand: np.ndarray,
@@ -269,52 +295,64 @@ def _write_outputs(store: Store, config: Config, out: Path, cand_ids: np.ndarray
                    removed: list[int]) -> None:
     (out / "config").mkdir(parents=True, exist_ok=True)
     (out / "config" / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
-    names, labels = output_names(store, config, cand_ids)
+    naming = store_naming(store, config)
+    names, labels = output_names(store, config, cand_ids, naming)
     write_embeddings_csv(out / "data" / "embeddings.csv", names, cand, labels)
     sel_names = [names[i] for i in picked_idx]
     sel_labels = [labels[i] for i in picked_idx]
     write_embeddings_csv(out / "data" / "selected_embeddings.csv", sel_names, cand[picked_idx], sel_labels)
     if len(fixed_ids):
-        fixed_names, fixed_labels = output_names(store, config, fixed_ids)
+        fixed_names, fixed_labels = output_names(store, config, fixed_ids, naming)
         write_embeddings_csv(out / "data" / "selected_embeddings_including_datapool.csv", fixed_names + sel_names,
                              np.concatenate([fixed, cand[picked_idx]]), fixed_labels + sel_labels)
     write_lines(out / "filenames" / "sampled_filenames.txt", sel_names)
-    removed_names, _ = output_names(store, config, removed)
+    where = store.locations(int(i) for i in picked)
+    by_node: dict[str, list[str]] = {}
+    for image_id, name in zip(picked, sel_names, strict=True):
+        by_node.setdefault(where[int(image_id)].node, []).append(name)
+    (out / "filenames" / "sampled_by_node.json").write_text(json.dumps(by_node, indent=1, ensure_ascii=False),
+                                                           encoding="utf-8", errors="backslashreplace")
+    removed_names, _ = output_names(store, config, removed, naming)
     write_lines(out / "filenames" / "removed_filenames.txt", removed_names)
-    roots = {str(p) for p in config.input_paths}
-    corrupt = [r for r in store.images("corrupt") if r["root"] in roots]
-    duplicates = [r for r in store.images("duplicate") if r["root"] in roots]
-    naming = Naming.for_roots([str(p) for p in config.input_paths])
-    write_lines(out / "filenames" / "corrupt_filenames.txt", (naming.name(r["root"], r["relpath"]) for r in corrupt))
-    reasons = {naming.name(r["root"], r["relpath"]): {"reason": r["reason"], "detail": r["detail"]} for r in corrupt}
+    corrupt = [r for r in store.images("corrupt") if _listed(config, store, r)]
+    duplicates = [r for r in store.images("duplicate") if _listed(config, store, r)]
+
+    def named(row: dict[str, Any]) -> str:
+        return naming.name(row["node"], row["root"], row["relpath"])
+
+    write_lines(out / "filenames" / "corrupt_filenames.txt", (named(r) for r in corrupt))
+    reasons = {named(r): {"reason": r["reason"], "detail": r["detail"]} for r in corrupt}
     (out / "filenames" / "corrupt_filenames.json").write_text(json.dumps(reasons, indent=1, ensure_ascii=False),
                                                              encoding="utf-8", errors="backslashreplace")
-    originals = store.paths(r["duplicate_of"] for r in duplicates if r["duplicate_of"])
-    write_lines(out / "filenames" / "duplicate_filenames.txt", (naming.name(r["root"], r["relpath"]) for r in duplicates))
-    dup_map = {naming.name(r["root"], r["relpath"]): naming.name(*originals[r["duplicate_of"]])
+    originals = store.locations(r["duplicate_of"] for r in duplicates if r["duplicate_of"])
+    write_lines(out / "filenames" / "duplicate_filenames.txt", (named(r) for r in duplicates))
+    dup_map = {named(r): naming.name(*astuple(originals[r["duplicate_of"]]))
                for r in duplicates if r["duplicate_of"] in originals}
     (out / "filenames" / "duplicate_filenames.json").write_text(json.dumps(dup_map, indent=1, ensure_ascii=False),
                                                                encoding="utf-8", errors="backslashreplace")
-    near = near_duplicate_groups(store, naming, roots)
+    roots = {str(p) for p in config.input_paths}
+    near = near_duplicate_groups(store, naming, lambda loc: loc.node != store.node or loc.root in roots)
     write_lines(out / "filenames" / "near_duplicate_filenames.txt", (d["path"] for g in near for d in g["duplicates"]))
     near_map = {d["path"]: {"original": g["original"], "distance": d["distance"]} for g in near for d in g["duplicates"]}
     (out / "filenames" / "near_duplicate_filenames.json").write_text(json.dumps(near_map, indent=1, ensure_ascii=False),
                                                                     encoding="utf-8", errors="backslashreplace")
 
 
-def near_duplicate_groups(store: Store, naming: Naming, roots: set[str] | None = None) -> list[dict[str, Any]]:
+def near_duplicate_groups(store: Store, naming: StoreNaming,
+                          listed: Callable[[Location], bool] | None = None) -> list[dict[str, Any]]:
     """The store's near-duplicate groups as `poolwatch near-duplicates --json` lists them: [{"original": name,
     "duplicates": [{"path": name, "distance": d}, ...]}, ...], names as in the run's outputs; only images
-    under `roots` when given."""
+    `listed` accepts when given."""
     groups = store.near_duplicate_groups()
-    paths = store.paths({i for original, copies in groups for i in (original, *(c for c, _d in copies))})
+    where = store.locations({i for original, copies in groups for i in (original, *(c for c, _d in copies))})
     out = []
     for original, copies in groups:
-        if roots is not None and paths[original][0] not in roots:
+        if listed is not None and not listed(where[original]):
             continue
-        dups = [{"path": naming.name(*paths[c]), "distance": d} for c, d in copies if roots is None or paths[c][0] in roots]
+        dups = [{"path": naming.name(*astuple(where[c])), "distance": d} for c, d in copies
+                if listed is None or listed(where[c])]
         if dups:
-            out.append({"original": naming.name(*paths[original]), "duplicates": dups})
+            out.append({"original": naming.name(*astuple(where[original])), "duplicates": dups})
     return out
 
 
@@ -348,16 +386,16 @@ def pool_ids_from_csv(store: Store, config: Config, path: Path, dim: int) -> tup
     if not np.isfinite(data.vectors).all():
         row = int(np.flatnonzero(~np.isfinite(data.vectors).all(axis=1))[0])
         raise ExportError(f"datapool: {str(path)!r} row {row + 1} ({data.filenames[row]!r}) has a NaN or infinite value")
-    naming = Naming.for_roots([str(p) for p in config.input_paths])
-    by_root: dict[str, dict[str, int]] = {}
+    naming = store_naming(store, config)
+    by_root: dict[tuple[str, str], dict[str, int]] = {}
     ids, unknown = [], []
     for name in data.filenames:
         parsed = naming.parse(name)
         if parsed is None:
             unknown.append(name)
             continue
-        root, rel = parsed
-        lookup = by_root.setdefault(root, store.ids_by_path(root))
+        node, root, rel = parsed
+        lookup = by_root.setdefault((node, root), store.ids_by_path(root, node))
         if rel in lookup:
             ids.append(lookup[rel])
         else:
@@ -366,20 +404,51 @@ def pool_ids_from_csv(store: Store, config: Config, path: Path, dim: int) -> tup
 
 
 def _dump(store: Store, config: Config, dest: Path, image_ids: list[int], skip_existing: bool = False) -> int:
-    naming = Naming.for_roots([str(p) for p in config.input_paths])
-    paths = store.paths(image_ids)
+    """Write the images of `image_ids` that this node holds (the others are their own nodes' to write)."""
+    naming = store_naming(store, config)
+    where = store.locations(image_ids)
     written = 0
     for image_id in image_ids:
-        root, rel = paths[image_id]
-        if root.startswith(IMPORTED_ROOT_PREFIX):
+        loc = where[image_id]
+        root, rel = loc.root, loc.relpath
+        if root.startswith(IMPORTED_ROOT_PREFIX) or loc.node != store.node:
             continue
-        target = dest / dump_name(naming.name(root, rel), config.output_image_format)
+        target = dest / dump_name(naming.name(loc.node, root, rel), config.output_image_format)
         if skip_existing and target.exists():
             continue
         dump_image(Path(root) / rel, target, size=config.output_image_size, fmt=config.output_image_format,
                    apply_exif=config.check.apply_exif_orientation)
         written += 1
     return written
+
+
+def dump_folder(config: Config, run_name: str) -> Path:
+    """Where this node writes the selected images it holds of a run: <dump_dir>/<run>/sampled, else the run's
+    folder under this node's shared_dir."""
+    base = config.dump_path if config.dump_path is not None else config.shared_path / "runs"
+    return base / run_name / "sampled"
+
+
+def dump_pending(store: Store, config: Config) -> list[tuple[int, int, Path]]:
+    """Write the selected images this node holds of every finished run (any node's) that asked for a dump and
+    that this node has not dumped yet: (run id, images written, folder) of each. Each node writes what it
+    holds, so every selected image is written once, by a node that can read it."""
+    done = []
+    for run_id in store.pending_dumps():
+        row = store.run(run_id) or {}
+        name = Path(str(row.get("output_dir") or f"run-{run_id}")).name
+        dest = dump_folder(config, name)
+        try:
+            written = _dump(store, config, dest, store.selected_held(run_id), skip_existing=True)
+            if row.get("pool"):
+                _dump(store, config, config.shared_path / str(row["pool"]) / "dataset", store.pool_members(str(row["pool"])),
+                      skip_existing=True)
+        except OSError as exc:
+            store.record_dump(run_id, status="failed", n_files=0, output_dir=str(dest), error=str(exc))
+            raise
+        store.record_dump(run_id, status="ok", n_files=written, output_dir=str(dest))
+        done.append((run_id, written, dest))
+    return done
 
 
 def summarize_run(row: dict[str, Any]) -> dict[str, Any]:

@@ -105,7 +105,7 @@ class Backend:
         while rows := cur.fetchmany(chunk):
             yield rows
 
-    def try_sampling_lock(self) -> bool:
+    def try_sampling_lock(self, wait: float = 0.0) -> bool:
         return True
 
     def release_sampling_lock(self) -> None:
@@ -266,10 +266,23 @@ class PostgresBackend(Backend):
             while rows := cur.fetchmany(chunk):
                 yield rows
 
-    def try_sampling_lock(self) -> bool:
+    def try_sampling_lock(self, wait: float = 0.0) -> bool:
+        """Take the session's sampling lock; with `wait`, the server queues the request for up to that long (an
+        event, not a poll: the holder's unlock, commit or lost connection wakes it)."""
         if self._sampling_locked:
             return True
-        self._sampling_locked = bool(self.execute("SELECT pg_try_advisory_lock(?)", (SAMPLING_LOCK,)).fetchone()[0])
+        if wait <= 0:
+            self._sampling_locked = bool(self.execute("SELECT pg_try_advisory_lock(?)", (SAMPLING_LOCK,)).fetchone()[0])
+            return self._sampling_locked
+        psycopg = _psycopg()
+        try:
+            self.execute(f"SET lock_timeout = {max(1, int(wait * 1000))}")
+            self.execute("SELECT pg_advisory_lock(?)", (SAMPLING_LOCK,))
+            self._sampling_locked = True
+        except psycopg.errors.LockNotAvailable:
+            self._sampling_locked = False
+        finally:
+            self.execute("RESET lock_timeout")
         return self._sampling_locked
 
     def release_sampling_lock(self) -> None:

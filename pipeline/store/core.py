@@ -303,6 +303,13 @@ class Store:
             counts[status] = int(n)
         return counts
 
+    def node_roots(self) -> dict[str, list[str]]:
+        """node -> the input roots its images are under, sorted."""
+        out: dict[str, list[str]] = {}
+        for node, root in self.b.execute("SELECT DISTINCT node, root FROM images"):
+            out.setdefault(str(node), []).append(_dec(root))
+        return {n: sorted(r) for n, r in sorted(out.items())}
+
     def nodes(self) -> dict[str, int]:
         """node -> images it holds."""
         return {str(n): int(c) for n, c in self.b.execute("SELECT node, COUNT(*) FROM images GROUP BY node ORDER BY node")}
@@ -543,10 +550,11 @@ class Store:
     def decisions(self, run_id: int) -> list[dict[str, Any]]:
         return self.b.query_dicts("SELECT * FROM decisions WHERE run_id = ? ORDER BY selected DESC, rank, image_id", (run_id,))
 
-    def try_sampling_lock(self) -> bool:
-        """Take the store-wide sampling lock (PostgreSQL: a session advisory lock; SQLite: the share lock file
-        already keeps a store to one process, so this is always True). Held until released or closed."""
-        return self.b.try_sampling_lock()
+    def try_sampling_lock(self, wait: float = 0.0) -> bool:
+        """Take the store-wide sampling lock, waiting up to `wait` seconds for it (PostgreSQL: a session advisory
+        lock, free again when its holder releases it or its connection ends, a killed node's too; SQLite: the
+        share lock file already keeps a store to one process, so this is always True). Held until released."""
+        return self.b.try_sampling_lock(wait)
 
     def release_sampling_lock(self) -> None:
         self.b.release_sampling_lock()
@@ -649,16 +657,23 @@ class Store:
         return {int(r[0]): Location(str(r[1]), _dec(r[2]), _dec(r[3]))
                 for r in self._by_ids("SELECT id, node, root, relpath FROM images WHERE id IN ({marks})", image_ids)}
 
-    def top_folders(self, root: str) -> list[str]:
-        """Sorted top-level sub-folders of this node's root that hold (or held) images: lightly's label order."""
+    def top_folders(self, root: str, node: str | None = None) -> list[str]:
+        """Sorted top-level sub-folders of a node's root (this one's unless named) that hold (or held) images:
+        lightly's label order."""
         folder, has_folder = self.b.first_folder("relpath")
         rows = self.b.execute(f"SELECT DISTINCT {folder} FROM images WHERE node = ? AND root = ? AND {has_folder}",
-                              (self.node, self.b.path(root)))
+                              (node or self.node, self.b.path(root)))
         return sorted(_dec(r[0]) for r in rows)
 
-    def ids_by_path(self, root: str) -> dict[str, int]:
+    def ids_by_path(self, root: str, node: str | None = None) -> dict[str, int]:
         return {_dec(r[0]): int(r[1]) for r in self.b.execute("SELECT relpath, id FROM images WHERE node = ? AND root = ?",
-                                                              (self.node, self.b.path(root)))}
+                                                              (node or self.node, self.b.path(root)))}
+
+    def selected_held(self, run_id: int) -> list[int]:
+        """The images a run selected that this node holds, in rank order."""
+        return [int(r[0]) for r in self.b.execute(
+            "SELECT d.image_id FROM decisions d JOIN images i ON i.id = d.image_id WHERE d.run_id = ? AND d.selected = 1"
+            " AND i.node = ? ORDER BY d.rank", (run_id, self.node))]
 
     # ---- near duplicates and quality ----------------------------------------------------------
     def embedding_tags(self, model_id: int) -> tuple[np.ndarray, np.ndarray]:
