@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("train", parents=[common], help="SimCLR training on the store's images; the result becomes the model")
     p = sub.add_parser("config", parents=[common], help="print the resolved configuration (token masked)")
     p.add_argument("--reference", action="store_true", help="print every option as a markdown table instead")
+    p = sub.add_parser("store", parents=[base], help="move the store: `store migrate --to postgresql://...`")
+    p.add_argument("action", choices=["migrate"], help="migrate: copy this SQLite store into an empty PostgreSQL one")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--to", metavar="URL", default="",
+                   help="the target store's postgresql:// URL (default: $POOLWATCH_STORE_URL)")
     p = sub.add_parser("datapool", parents=[base], help="list, export, import or restore a datapool")
     p.add_argument("words", nargs="+", metavar="ACTION [NAME FILE] [key=value ...]",
                    help="list | export NAME FILE | import NAME FILE (adds) | restore NAME FILE (replaces)")
@@ -77,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.words += [w for w in extra if w != "--allow-empty"]
         args.allow_empty = args.allow_empty or "--allow-empty" in extra
         extra = [w for w in extra if w.startswith("-") and w != "--allow-empty"]
+    if args.command == "store":  # `migrate --to URL key=value`: the overrides after the flag are left over
+        args.overrides += [w for w in extra if "=" in w and not w.startswith("-")]
+        extra = [w for w in extra if "=" not in w or w.startswith("-")]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "run":
@@ -112,7 +120,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         runtime.log_ineffective_lightly_keys(config)
     if config.sanity_check or args.command == "sanity-check":
         return sanity_check(config)
-    if args.command in ("ingest", "sample", "train") or (args.command == "datapool" and args.action in ("import", "restore")):
+    if args.command in ("ingest", "sample", "train", "store") or (args.command == "datapool"
+                                                                  and args.action in ("import", "restore")):
         with ShareLock(config.shared_path, role=args.command):
             return COMMANDS[args.command](config, args)
     return COMMANDS[args.command](config, args)
@@ -581,7 +590,31 @@ def cmd_trigger(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_store(config: Config, args: argparse.Namespace) -> int:
+    """`store migrate --to URL`: copy the SQLite store of this shared_dir into an empty PostgreSQL database."""
+    from poolwatch.pipeline.config import mask_url
+    from poolwatch.pipeline.store.migrate import copy_store
+
+    url = args.to or os.environ.get("POOLWATCH_STORE_URL", "")
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise UsageError(f"--to: invalid value {mask_url(url)!r}; allowed: a postgresql://user:password@host:port/db URL")
+    if config.store.url.get_secret_value():
+        raise UsageError("store migrate copies the SQLite store at store.path; leave store.url unset for it (give the "
+                         "target as --to)")
+    if not config.store_path.exists():
+        raise UsageError(f"no store at {config.store_path}; nothing to migrate")
+    started = time.perf_counter()
+    with Store.open(config.store_path, float(config.store.busy_timeout), node=config.node.name or None) as source, \
+            Store.connect(url, source.node, float(config.store.busy_timeout), describe=mask_url(url)) as target:
+        log.info("migrating the store %s (node %s) into %s", source.path, source.node, target.path)
+        counts = copy_store(source, target)
+    log.info("store migrated in %.1fs: %s", time.perf_counter() - started, ", ".join(f"{t} {n}" for t, n in counts.items()))
+    print(json.dumps({"from": str(config.store_path), "to": mask_url(url), "node": source.node, "rows": counts}))
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
+    "store": cmd_store,
     "ingest": cmd_ingest,
     "status": cmd_status,
     "near-duplicates": cmd_near_duplicates,
