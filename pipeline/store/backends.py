@@ -16,22 +16,20 @@ import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from .records import StoreError
 from .schema import POSTGRESQL, SQLITE
 
-if TYPE_CHECKING:
-    import psycopg
-
 WRITE_LOCK = 0x706F6F6C  # 'pool': PostgreSQL advisory lock key of write transactions
 SAMPLING_LOCK = 0x72756E73  # 'runs': held by the node whose sampling run is in progress
 
 
 class Cursor(Protocol):
-    rowcount: int
+    @property
+    def rowcount(self) -> int: ...
 
     def fetchone(self) -> Any: ...
     def fetchall(self) -> list[Any]: ...
@@ -192,8 +190,7 @@ class PostgresBackend(Backend):
         psycopg = _psycopg()
         self.describe = describe
         try:
-            self.conn: psycopg.Connection[Any] = psycopg.connect(url, autocommit=True,
-                                                                 connect_timeout=max(1, int(connect_timeout)))
+            self.conn: Any = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(connect_timeout)))
         except psycopg.Error as exc:
             # psycopg's message names host and port, never the password; still, keep only its first line.
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -210,18 +207,19 @@ class PostgresBackend(Backend):
         return out
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
-        return self.conn.execute(self._translate(sql), params)  # type: ignore[arg-type]
+        cur: Cursor = self.conn.execute(self._translate(sql), params)
+        return cur
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
         with self.conn.cursor() as cur:
-            cur.executemany(self._translate(sql), rows)  # type: ignore[arg-type]
-            return cur.rowcount
+            cur.executemany(self._translate(sql), rows)
+            return int(cur.rowcount)
 
     def query_dicts(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         from psycopg.rows import dict_row
 
         with self.conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(self._translate(sql), params)  # type: ignore[arg-type]
+            cur.execute(self._translate(sql), params)
             return list(cur.fetchall())
 
     def path(self, value: str) -> str | bytes:
@@ -235,7 +233,7 @@ class PostgresBackend(Backend):
     def in_transaction(self) -> bool:
         from psycopg.pq import TransactionStatus
 
-        return self.conn.info.transaction_status != TransactionStatus.IDLE
+        return bool(self.conn.info.transaction_status != TransactionStatus.IDLE)
 
     def begin_write(self) -> None:
         self.execute("BEGIN")
@@ -262,7 +260,7 @@ class PostgresBackend(Backend):
         # A server-side cursor: the server sends `chunk` rows at a time (needs the caller's transaction).
         with self.conn.cursor(name=f"poolwatch_stream_{id(self):x}") as cur:
             cur.itersize = chunk
-            cur.execute(self._translate(sql), params)  # type: ignore[arg-type]
+            cur.execute(self._translate(sql), params)
             while rows := cur.fetchmany(chunk):
                 yield rows
 
@@ -303,11 +301,13 @@ def _psycopg() -> Any:
     return psycopg
 
 
-def _register_numpy(conn: psycopg.Connection[Any]) -> None:
+def _register_numpy(conn: Any) -> None:
     """numpy scalars as parameters, like Python's int and float (SQLite's driver takes them as they are)."""
     from psycopg.types.numeric import FloatDumper, Int8Dumper
 
-    for kind in (np.int64, np.int32, np.intp):
+    kinds: tuple[type, ...] = (np.int64, np.int32, np.intp)
+    for kind in kinds:
         conn.adapters.register_dumper(kind, Int8Dumper)
-    for kind in (np.float64, np.float32):
+    kinds = (np.float64, np.float32)
+    for kind in kinds:
         conn.adapters.register_dumper(kind, FloatDumper)
