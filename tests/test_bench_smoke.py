@@ -11,7 +11,7 @@ import pytest
 from .conftest import ROOT
 
 SCRIPTS = ["ingest.py", "decode.py", "startup.py", "latency.py", "store.py", "coreset.py", "soak.py", "load.py",
-           "profile_embed.py", "quality_thresholds.py", "near_duplicates.py"]
+           "profile_embed.py", "quality_thresholds.py", "near_duplicates.py", "multinode.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
