@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from poolwatch.pipeline import artifacts
+from poolwatch.pipeline.atomic import replacing
 from poolwatch.pipeline.config import Config
 from poolwatch.pipeline.decode import DecodeSettings, warm_up
 from poolwatch.pipeline.devices import gpu_possible
@@ -162,14 +163,36 @@ def trained_model_path(config: Config, store: Store | None = None) -> Path | Non
         if store is None:
             store = stack.enter_context(open_store(config))
         current = store.current_model()
-    if current is None or current.source != "trained" or not current.path or not Path(current.path).is_file():
+        if current is None or current.source != "trained" or not current.path:
+            return None
+        path = _shared_weights(config, store, current.id, Path(current.path))
+    if path is None:
         return None
     arch = {k: v for k, v in current.arch.items() if k in spec.arch()}
     if arch != spec.arch() or current.input_size != spec.input_size:
         log.warning("the trained model %s was made for %s @%dpx; lightly.model/collate now ask for %s @%dpx, "
                     "so it is not used", current.path, current.arch, current.input_size, spec.arch(), spec.input_size)
         return None
-    return Path(current.path)
+    return path
+
+
+def _shared_weights(config: Config, store: Store, model_id: int, path: Path) -> Path | None:
+    """A trained model's weights file on a shared store: kept in the store by the node that has it, written into
+    this node's models dir by one that has not (training ran elsewhere). None: no such file anywhere."""
+    name = f"weights/model-{model_id}"
+    if path.is_file():
+        if store.shared and not store.has_blob(name) and store.put_blob(name, path.read_bytes()):
+            log.info("trained weights of model %d kept in the store for the other nodes", model_id)
+        return path
+    data = store.blob(name) if store.shared else None
+    if data is None:
+        return None
+    local = config.shared_path / "models" / "trained" / f"model-{model_id}{path.suffix}"
+    if not local.is_file():
+        with replacing(local, "wb") as fh:
+            fh.write(data)
+        log.info("trained weights of model %d taken from the store (trained on another node): %s", model_id, local)
+    return local
 
 
 def _wants_cuda(config: Config) -> bool:
@@ -252,10 +275,10 @@ def load_engine(config: Config, trained: Path | None = None,
                 precision = interim_precision(_runnable(on_gpu, openvino_ok))
         mode = Mode(precision, choice.exact_decode)
         if config.model.onnx:
-            engine = _onnx_engine(config, mode, calib, cancel)
+            engine = _onnx_engine(config, mode, calib, cancel, store)
         else:
             spec, args = _lightly_args(config, store, trained)
-            engine = _lightly_engine(config, spec, args, mode, calib, cancel) if openvino_ok else \
+            engine = _lightly_engine(config, spec, args, mode, calib, cancel, store) if openvino_ok else \
                 _torch_engine(config, spec, args, mode, on_gpu)
         if choice.changed:
             store.set_setting("embedding", choice.record)
@@ -269,7 +292,7 @@ def load_engine(config: Config, trained: Path | None = None,
 
 
 def _lightly_engine(config: Config, spec: ModelSpec, args: dict[str, Any], mode: Mode,
-                    calib: _CalibrationRef | None, cancel: threading.Event | None) -> Engine:
+                    calib: _CalibrationRef | None, cancel: threading.Event | None, store: Store | None = None) -> Engine:
     models_dir, root = config.shared_path / "models", artifacts_root(config)
     ref = find_weights(spec, models_dir=models_dir, **args)
     paths = {k: str(v) if isinstance(v, Path) else v for k, v in args.items()}
@@ -279,7 +302,7 @@ def _lightly_engine(config: Config, spec: ModelSpec, args: dict[str, Any], mode:
         return {"kind": "lightly", "key": key, "models_dir": str(models_dir), "artifacts": str(root), "ir": ir,
                 "spec": asdict(spec), **paths}
 
-    (path, meta), calibration_hash = _artifact(root, request, calib, None, cancel)
+    (path, meta), calibration_hash = _artifact(root, request, calib, None, cancel, store)
     return OpenVINOEngine(path, ModelInfo.from_json(meta["info"]), replace(mode, calibration=calibration_hash))
 
 
@@ -292,21 +315,27 @@ class _CalibrationRef:
 
 
 def _artifact(root: Path, request: Callable[[str], dict[str, Any]], calib: _CalibrationRef | None,
-              build_here: Callable[[dict[str, Any]], None] | None,
-              cancel: threading.Event | None) -> tuple[tuple[Path, dict[str, Any]], str | None]:
+              build_here: Callable[[dict[str, Any]], None] | None, cancel: threading.Event | None,
+              store: Store | None = None) -> tuple[tuple[Path, dict[str, Any]], str | None]:
     """The cached artifact `request(ir)` names, built when missing (in the child, or by `build_here` for what
     needs no torch); returns it and the calibration hash it was made with (None: not int8)."""
     def tag(h: str | None) -> str:
         return "f32" if h is None else f"int8.{h[:12]}"
 
+    def cached(key: str) -> tuple[Path, dict[str, Any]] | None:
+        found = artifacts.lookup(root, key) or _from_store(store, root, key)
+        if found is not None:
+            _to_store(store, root, key)
+        return found
+
     wanted = calib.hash if calib is not None else None
-    found = artifacts.lookup(root, request(tag(wanted))["key"])
+    found = cached(request(tag(wanted))["key"])
     if found is not None:
         return found, wanted
     pixels = calib.load() if calib is not None else None
     if pixels is not None and pixels.hash != wanted:  # some of its images are gone: a new calibration
         wanted = pixels.hash
-        found = artifacts.lookup(root, request(tag(wanted))["key"])
+        found = cached(request(tag(wanted))["key"])
         if found is not None:
             return found, wanted
     req = request(tag(wanted))
@@ -314,10 +343,32 @@ def _artifact(root: Path, request: Callable[[str], dict[str, Any]], calib: _Cali
         build_here(req)
     else:
         _build(req, pixels, cancel)
-    found = artifacts.lookup(root, req["key"])
+    found = cached(req["key"])
     if found is None:
         raise ModelError(f"the model's artifact could not be written under {root}")
     return found, wanted
+
+
+def _from_store(store: Store | None, root: Path, key: str) -> tuple[Path, dict[str, Any]] | None:
+    """An artifact another node of a shared store built (and its int8 calibration with it), cached here."""
+    if store is None or not store.shared:
+        return None
+    data = store.blob(f"artifact/{key}")
+    if data is None:
+        return None
+    found = artifacts.unpack(root, key, data)
+    if found is not None:
+        log.info("model artifact %s taken from the store (built by another node)", found[0].name)
+    return found
+
+
+def _to_store(store: Store | None, root: Path, key: str) -> None:
+    """Keep the artifact in a shared store, so every node embeds with this very one (int8 calibration included)."""
+    if store is None or not store.shared or store.has_blob(f"artifact/{key}"):
+        return
+    data = artifacts.pack(root, key)
+    if data is not None and store.put_blob(f"artifact/{key}", data):
+        log.info("model artifact kept in the store for the other nodes (%.1f MB)", len(data) / 2**20)
 
 
 def _lightly_args(config: Config, store: Store | None, trained: Path | None) -> tuple[ModelSpec, dict[str, Any]]:
@@ -400,7 +451,8 @@ def _calibration(store: Store | None, settings: DecodeSettings,
     return _CalibrationRef(made.hash, lambda: made)
 
 
-def _onnx_engine(config: Config, mode: Mode, calib: _CalibrationRef | None, cancel: threading.Event | None) -> Engine:
+def _onnx_engine(config: Config, mode: Mode, calib: _CalibrationRef | None, cancel: threading.Event | None,
+                 store: Store | None = None) -> Engine:
     """model.onnx=: the user's own ONNX embedder on OpenVINO; its identity is the file's hash plus preprocessing."""
     from poolwatch.pipeline.openvino_engine import read_onnx, with_uint8_input
 
@@ -449,7 +501,7 @@ def _onnx_engine(config: Config, mode: Mode, calib: _CalibrationRef | None, canc
             req["info"] = info().to_json()  # the child quantizes it
         return req
 
-    (artifact, meta), calibration_hash = _artifact(root, request_with_info, calib, build_here, cancel)
+    (artifact, meta), calibration_hash = _artifact(root, request_with_info, calib, build_here, cancel, store)
     return OpenVINOEngine(artifact, ModelInfo.from_json(meta["info"]), replace(mode, calibration=calibration_hash))
 
 

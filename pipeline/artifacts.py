@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
+import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from .atomic import replacing
 from .modelspec import ModelInfo, ModelSpec, WeightsRef
 
 FORMAT = 2  # bump when the artifacts' layout or their preprocessing changes
+ARTIFACT_FILES = ("model.xml", "model.bin", "meta.json")
 
 
 def lightly_request(spec: ModelSpec, ref: WeightsRef, ir: str) -> dict[str, Any]:
@@ -66,6 +69,49 @@ def lookup(root: Path, key: str) -> tuple[Path, dict[str, Any]] | None:
 def remember(root: Path, key: str, artifact: Path, info: ModelInfo) -> None:
     with replacing(root / "requests" / f"{key}.json", "w") as fh:
         json.dump({"artifact": artifact.name, "info": info.to_json()}, fh)
+
+
+def pack(root: Path, key: str) -> bytes | None:
+    """The artifact a request resolved to and its alias as one tar, for a shared store (None: not cached here)."""
+    found = lookup(root, key)
+    if found is None:
+        return None
+    path, _meta = found
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ARTIFACT_FILES:
+            tar.add(path / name, arcname=f"{path.name}/{name}")
+        alias = (root / "requests" / f"{key}.json").read_bytes()
+        info = tarfile.TarInfo("request.json")
+        info.size = len(alias)
+        tar.addfile(info, io.BytesIO(alias))
+    return buf.getvalue()
+
+
+def unpack(root: Path, key: str, data: bytes) -> tuple[Path, dict[str, Any]] | None:
+    """Cache an artifact `pack` made (on another node) under `root`, as a build would; returns `lookup`'s answer.
+    Only the members it names are read, so a tar cannot write anywhere else."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+        def member(name: str) -> bytes:
+            fh = tar.extractfile(name)
+            if fh is None:
+                raise ValueError(f"{name} is not a file")
+            return fh.read()
+
+        alias = json.loads(member("request.json"))
+        name = str(alias["artifact"])
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"not an artifact name: {name!r}")
+        files = {f: member(f"{name}/{f}") for f in ARTIFACT_FILES}
+
+    def save(directory: Path) -> None:
+        for f in ("model.xml", "model.bin"):
+            (directory / f).write_bytes(files[f])
+
+    publish(root, name, save, json.loads(files["meta.json"]))
+    with replacing(root / "requests" / f"{key}.json", "w") as fh:
+        json.dump(alias, fh)
+    return lookup(root, key)
 
 
 def _remove_orphans(root: Path) -> None:

@@ -12,6 +12,7 @@ Each thread opens its own `Store` (connections are not shared between threads).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -755,6 +756,32 @@ class Store:
                               f" AND {quality_condition(column, op)} = 1 ORDER BY i.{column} {order}, i.id LIMIT ?",
                               (threshold, limit))
         return [(int(r[0]), _dec(r[1]), _dec(r[2]), float(r[3])) for r in rows]
+
+    # ---- files every node shares (a model's artifact, trained weights) -------------------------------
+    @property
+    def shared(self) -> bool:
+        """Whether other nodes use this store (PostgreSQL): then files every node needs live in it as blobs."""
+        return self.dialect == "postgresql"
+
+    def put_blob(self, name: str, data: bytes) -> bool:
+        """Keep `data` under `name` unless a blob of that name exists (the first node's stays); True if written."""
+        with self.transaction():
+            return self.b.execute("INSERT INTO blobs (name, sha256, size, data, created) VALUES (?,?,?,?,?)"
+                                  " ON CONFLICT (name) DO NOTHING",
+                                  (name, hashlib.sha256(data).hexdigest(), len(data), data, time.time())).rowcount > 0
+
+    def blob(self, name: str) -> bytes | None:
+        """A blob's bytes, checked against the hash recorded with them (None: no such blob)."""
+        row = self.b.execute("SELECT data, sha256 FROM blobs WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return None
+        data = bytes(row[0])
+        if hashlib.sha256(data).hexdigest() != row[1]:
+            raise StoreError(f"the store's blob {name!r} does not match its recorded hash")
+        return data
+
+    def has_blob(self, name: str) -> bool:
+        return self.b.execute("SELECT 1 FROM blobs WHERE name = ?", (name,)).fetchone() is not None
 
     # ---- copying a whole store (poolwatch store migrate) -----------------------------------------
     def table_rows(self, table: str, chunk: int = STREAM_ROWS) -> Iterator[tuple[list[str], list[Any]]]:

@@ -129,6 +129,16 @@ SQLITE: tuple[str, ...] = (
         PRIMARY KEY (run_id, node)
     );
     """,
+    # 6: files every node must share (a model's exported artifact, trained weights), kept in the store itself
+    """
+    CREATE TABLE blobs (
+        name TEXT PRIMARY KEY,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        created REAL NOT NULL
+    );
+    """,
 )
 
 POSTGRESQL: tuple[str, ...] = (
@@ -248,6 +258,16 @@ POSTGRESQL: tuple[str, ...] = (
         PRIMARY KEY (run_id, node)
     );
     """,
+    # 6
+    """
+    CREATE TABLE blobs (
+        name TEXT PRIMARY KEY,
+        sha256 TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        data BYTEA NOT NULL,
+        created DOUBLE PRECISION NOT NULL
+    );
+    """,
 )
 
-TABLES = ("models", "images", "embeddings", "runs", "decisions", "datapool", "settings", "run_dumps")  # FK order
+TABLES = ("models", "images", "embeddings", "runs", "decisions", "datapool", "settings", "run_dumps", "blobs")  # FK order
