@@ -465,11 +465,11 @@ class Store:
             raise StoreError(f"no model with id {model_id}")
         return model.dim
 
-    def _read_vectors(self, count_sql: str, sql: str, params: Sequence[Any], dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, N×d float32) of `sql`'s (id, vector) rows: counted, then streamed into preallocated arrays, in one
-        snapshot of the store."""
+    def _read_vectors(self, model_id: int, sql: str, params: Sequence[Any], dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, N×d float32) of `sql`'s (id, vector) rows of this model, streamed into arrays preallocated for every
+        vector of the model (an index-only count; the rows are a subset of them), in one snapshot of the store."""
         with self.snapshot():
-            n = int(self.b.execute(count_sql, params).fetchone()[0])
+            n = int(self.b.execute("SELECT COUNT(*) FROM embeddings WHERE model_id = ?", (model_id,)).fetchone()[0])
             ids = np.empty(n, dtype=np.int64)
             matrix = np.empty((n, dim), dtype=np.float32)
             filled = 0
@@ -480,7 +480,9 @@ class Store:
                 ids[filled:filled + k] = [r[0] for r in rows]
                 matrix[filled:filled + k] = np.frombuffer(b"".join([r[1] for r in rows]), dtype=np.float32).reshape(k, dim)
                 filled += k
-        return ids[:filled], matrix[:filled]
+        if filled < n:  # fewer candidates than vectors: give the unused rows back
+            ids, matrix = ids[:filled].copy(), matrix[:filled].copy()
+        return ids, matrix
 
     def vectors(
         self, model_id: int, image_ids: Sequence[int] | None = None, ok_only: bool = True
@@ -492,8 +494,8 @@ class Store:
         if ok_only:
             base += " JOIN images i ON i.id = e.image_id AND i.status = 'ok'"
         base += " WHERE e.model_id = ?"
-        ids, matrix = self._read_vectors("SELECT COUNT(*)" + base, "SELECT e.image_id, e.vector" + base +
-                                         " ORDER BY e.image_id", (model_id,), dim)
+        ids, matrix = self._read_vectors(model_id, "SELECT e.image_id, e.vector" + base + " ORDER BY e.image_id",
+                                         (model_id,), dim)
         if image_ids is not None:
             keep = np.isin(ids, np.fromiter((int(i) for i in image_ids), dtype=np.int64))
             ids, matrix = ids[keep], matrix[keep]
@@ -636,8 +638,7 @@ class Store:
         """The candidates (see `candidate_ids`) of every node and their vectors, streamed: (ids, N×d float32)."""
         dim = self._dim(model_id)
         sql, params = self._candidate_sql("e.image_id, e.vector", model_id, pool, process_all, exclude)
-        count_sql, _ = self._candidate_sql("COUNT(*)", model_id, pool, process_all, exclude)
-        ids, matrix = self._read_vectors(count_sql, sql, params, dim)
+        ids, matrix = self._read_vectors(model_id, sql, params, dim)
         order = np.argsort(ids, kind="stable")
         return ids[order], matrix[order]
 
