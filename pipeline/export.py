@@ -83,10 +83,10 @@ class StoreNaming:
         """The (node, root, relpath) a filename written by `name` came from; None when none matches."""
         node = self.own
         if self.multi:
-            node, sep, filename = filename.partition("/")
-            node = from_printable(node)
-            if not sep or node not in self.nodes:
-                return None
+            first, sep, rest = filename.partition("/")
+            if sep and from_printable(first) in self.nodes:
+                node, filename = from_printable(first), rest
+            # else a name written before a second node joined (a pool CSV): this node's own
         parsed = self.nodes[node].parse(filename) if node in self.nodes else None
         return (node, *parsed) if parsed is not None else None
 
