@@ -52,9 +52,11 @@ class Server:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
     def start(self) -> None:
-        out = self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", self.user, "-E", "UTF8", "--no-sync")
-        if out.returncode:
-            raise RuntimeError(f"initdb failed: {out.stderr.strip()}")
+        """initdb (the first time), then start the server and wait until it accepts connections."""
+        if not self.data.exists():
+            out = self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", self.user, "-E", "UTF8", "--no-sync")
+            if out.returncode:
+                raise RuntimeError(f"initdb failed: {out.stderr.strip()}")
         options = (f"-k {self.dir} -p {self.port} -c listen_addresses='' -c fsync=off -c synchronous_commit=off"
                    " -c full_page_writes=off -c max_connections=300")
         out = self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.dir / "server.log"), "-w",
@@ -63,8 +65,12 @@ class Server:
             log = (self.dir / "server.log").read_text(errors="replace") if (self.dir / "server.log").exists() else ""
             raise RuntimeError(f"pg_ctl start failed: {out.stderr.strip()} {log[-2000:]}")
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Stop the server at once (its clients' connections break), keeping its data for a `start`."""
         self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def stop(self) -> None:
+        self.halt()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def url(self, database: str = "postgres", password: str | None = None) -> str:
