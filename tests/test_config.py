@@ -162,3 +162,14 @@ def test_trainer_precision_choices(value: str, ok: bool) -> None:
     else:
         with pytest.raises(ConfigError, match="lightly.trainer.precision"):
             load_config([f"lightly.trainer.precision={value}"])
+
+
+def test_the_store_password_is_masked_everywhere_the_configuration_is_shown(tmp_path: Path) -> None:
+    url = "postgresql://poolwatch:pw-s3cret@db.example:5432/pool?sslmode=require&password=pw-s3cret"
+    shown = run_cli("config", f"shared_dir={tmp_path}", f"store.url={url}")
+    assert shown.returncode == 0 and "pw-s3cret" not in shown.stdout
+    assert "postgresql://poolwatch:***@db.example:5432/pool?sslmode=require&password=***" in shown.stdout
+    bad = run_cli("config", f"shared_dir={tmp_path}", "store.url=mysql://u:pw-s3cret@h/db")
+    assert bad.returncode == 2 and "pw-s3cret" not in bad.stderr and "store.url" in bad.stderr
+    env = run_cli("status", f"shared_dir={tmp_path}", "store.busy_timeout=1", env={"POOLWATCH_STORE_URL": url})
+    assert env.returncode != 0 and "pw-s3cret" not in env.stdout + env.stderr and "***" in env.stderr
