@@ -57,7 +57,8 @@ def fill(store: Store, n: int, dim: int, model_id: int) -> None:
                                     " updated) VALUES (?,?,?,?,?,?,?,?,?,?)", images)
                 store.b.executemany("INSERT INTO embeddings (image_id, model_id, vector, vhash, seq) VALUES (?,?,?,?,?)",
                                     vectors)
-    if store.dialect == "postgresql":
+    if store.dialect == "postgresql":  # the rows came with their ids: new rows continue after them
+        store.b.execute("SELECT setval(pg_get_serial_sequence('images', 'id'), ?, false)", (n + 1,))
         store.b.execute("ANALYZE")
 
 
@@ -84,6 +85,7 @@ def bench_load(work: Path, n: int, dim: int, rounds: int) -> None:
                     assert matrix.shape == (n, dim) and got_ids[0] == 1
                     del got_ids, matrix
                     rss[name] = rss_mb()
+            bench_commit(stores, model_id, dim, batches=10 if n < 10_000 else 60)
         finally:
             for store in stores.values():
                 store.close()
@@ -93,6 +95,33 @@ def bench_load(work: Path, n: int, dim: int, rounds: int) -> None:
               f" {', '.join(f'{x:.2f}' for x in times[name])} | peak RSS so far {rss[name]:.0f} MB |")
     print(f"ratio postgresql / sqlite: {np.median(times['postgresql']) / np.median(times['sqlite']):.2f}  (SQLite file "
           f"{size / 2**20:.0f} MB)")
+
+
+def bench_commit(stores: dict[str, Store], model_id: int, dim: int, batches: int = 60, size: int = 64) -> None:
+    """One ingest batch's transaction as the worker makes it (per image: the row lookup, the duplicate checks,
+    the upsert, the vector with its sequence number), on each store, alternated; into the 1M-row stores."""
+    from poolwatch.pipeline.store import ImageRecord
+
+    rng = np.random.default_rng(1)
+    times: dict[str, list[float]] = {name: [] for name in stores}
+    for b in range(batches):
+        for name, store in stores.items():
+            vecs = rng.normal(size=(size, dim)).astype(np.float32)
+            t = time.perf_counter()
+            with store.transaction():
+                for i in range(size):
+                    rel = f"commit/{b:03d}/{i:03d}.jpg"
+                    store.image_by_path("/bench", rel)
+                    h = f"c{name}{b}-{i}"
+                    store.first_ok_with_hash(h)
+                    image_id = store.upsert_image(ImageRecord(root="/bench", relpath=rel, size=1, mtime_ns=1, hash=h,
+                                                              status="ok"))
+                    store.first_ok_with_vector(model_id, vector_hash(vecs[i]))
+                    store.put_embedding(image_id, model_id, vecs[i])
+            times[name].append(time.perf_counter() - t)
+    for name, values in times.items():
+        print(f"| commit of one {size}-image batch, {name} (1M rows) | median {np.median(values) * 1000:.1f} ms |"
+              f" p90 {np.percentile(values, 90) * 1000:.1f} ms | {batches} batches |")
 
 
 def bench_reconcile(work: Path, files: int) -> None:

@@ -251,10 +251,10 @@ class Store:
 
     def first_ok_with_hash(self, content_hash: str, exclude_id: int | None = None) -> int | None:
         row = self.b.execute(
-            "SELECT id FROM images WHERE hash = ? AND status = 'ok' AND id != ? ORDER BY id LIMIT 1",
+            "SELECT MIN(id) FROM images WHERE hash = ? AND status = 'ok' AND id != ?",
             (content_hash, -1 if exclude_id is None else exclude_id),
         ).fetchone()
-        return int(row[0]) if row else None
+        return int(row[0]) if row and row[0] is not None else None
 
     def revive(self, root: str, relpaths: Iterable[str], model_id: int) -> list[str]:
         """`missing` images that are back with their identity unchanged become `ok` again without being read,
@@ -445,12 +445,13 @@ class Store:
         )
 
     def first_ok_with_vector(self, model_id: int, vhash: str, exclude_id: int | None = None) -> int | None:
+        # MIN, not ORDER BY ... LIMIT 1: the latter walks the images by id instead of the (model, vhash) index
         row = self.b.execute(
-            "SELECT e.image_id FROM embeddings e JOIN images i ON i.id = e.image_id"
-            " WHERE e.model_id = ? AND e.vhash = ? AND i.status = 'ok' AND i.id != ? ORDER BY i.id LIMIT 1",
+            "SELECT MIN(e.image_id) FROM embeddings e JOIN images i ON i.id = e.image_id"
+            " WHERE e.model_id = ? AND e.vhash = ? AND i.status = 'ok' AND i.id != ?",
             (model_id, vhash, -1 if exclude_id is None else exclude_id),
         ).fetchone()
-        return int(row[0]) if row else None
+        return int(row[0]) if row and row[0] is not None else None
 
     def has_vector(self, image_id: int, model_id: int) -> bool:
         return self.b.execute("SELECT 1 FROM embeddings WHERE image_id = ? AND model_id = ?",

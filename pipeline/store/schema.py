@@ -139,6 +139,12 @@ SQLITE: tuple[str, ...] = (
         created REAL NOT NULL
     );
     """,
+    # 7: the duplicate checks look an image up by (hash, status): with `hash` alone indexed, SQLite's planner
+    # walked every `ok` image instead (0.2-0.4 ms a check at 1,000 images, growing with the store)
+    """
+    CREATE INDEX images_hash_status ON images(hash, status);
+    DROP INDEX images_hash;
+    """,
 )
 
 POSTGRESQL: tuple[str, ...] = (
@@ -267,6 +273,11 @@ POSTGRESQL: tuple[str, ...] = (
         data BYTEA NOT NULL,
         created DOUBLE PRECISION NOT NULL
     );
+    """,
+    # 7
+    """
+    CREATE INDEX images_hash_status ON images(hash, status);
+    DROP INDEX images_hash;
     """,
 )
 
