@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from poolwatch.pipeline.decode import DecodeSettings
     from poolwatch.pipeline.ingest import BatchResult, PassSummary
 
+    from .ray_ingest import RaySource
+
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
@@ -47,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("ingest", parents=[common], help="one pass over the input dirs: check, de-duplicate, embed, store")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--ray", action="store_true",
+                   help="embed the backlog on a Ray cluster (ray.*: address, num_actors, ...; pip install 'poolwatch[ray]')")
     p = sub.add_parser("status", parents=[common], help="counts, model and pools of the store")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p = sub.add_parser("near-duplicates", parents=[common], help="list the near-duplicate groups of the store")
@@ -128,7 +132,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(config: Config, args: argparse.Namespace) -> int:
-    summary = ingest_once(config)
+    summary = ingest_once(config, on_ray=args.ray)
     rate = summary.processed / summary.seconds if summary.seconds > 0 else 0.0
     data = {
         "discovered": summary.discovered, "processed": summary.processed, "ok": summary.ok,
@@ -167,21 +171,30 @@ def _first_images(config: Config, store: Store) -> Callable[[DecodeSettings], Ca
     return first_images
 
 
-def ingest_once(config: Config) -> PassSummary:
-    """One ingest pass with a progress bar on a terminal; outages are logged."""
+def ingest_once(config: Config, on_ray: bool = False) -> PassSummary:
+    """One ingest pass with a progress bar on a terminal; outages are logged. `on_ray`: the files are decoded and
+    embedded by Ray actors (daemon/ray_ingest.py), everything else happens here as without it."""
     from tqdm import tqdm
 
     from poolwatch.pipeline.ingest import activate_model, ingest_pass
 
     from .near_check import log_calibrated, open_near
 
+    if on_ray:
+        from .ray_ingest import RaySource, require_ray
+
+        require_ray(config)  # a missing extra is one line before anything loads
     store = open_store(config)
     embedder = runtime.load_engine(config, calibrate=_first_images(config, store), store=store)
-    executor = runtime.decode_executor(config)
+    executor = None if on_ray else runtime.decode_executor(config)
     bar = tqdm(total=0, unit="img", disable=not sys.stderr.isatty(), dynamic_ncols=True)
     near = None
+    source: RaySource | None = None
     try:
         model_id = activate_model(store, embedder)
+        settings = runtime.decode_settings(config, embedder)
+        if on_ray:
+            source = RaySource(config, embedder, settings)
         near = open_near(store, model_id, config)
         calibrated_before = near.calibration if near is not None else None
         log.info("ingest pass over %s into %s", ", ".join(map(str, config.input_paths)), config.store_label)
@@ -195,9 +208,9 @@ def ingest_once(config: Config) -> PassSummary:
             bar.set_postfix(efficiency=f"{result.compute_efficiency:.2f}")
 
         summary = ingest_pass(
-            store, embedder, model_id, config.input_paths, runtime.decode_settings(config, embedder), config.batch_size,
+            store, embedder, model_id, config.input_paths, settings, config.batch_size,
             executor=executor, remove_duplicates=config.remove_exact_duplicates,
-            ignore_patterns=config.watch.ignore_patterns, on_plan=on_plan, on_batch=on_batch, near=near,
+            ignore_patterns=config.watch.ignore_patterns, on_plan=on_plan, on_batch=on_batch, near=near, source=source,
         )
         if near is not None and near.calibration is not None and calibrated_before is None:
             log_calibrated(model_id, near.calibration, near.backfilled)
@@ -206,6 +219,8 @@ def ingest_once(config: Config) -> PassSummary:
             log.info("every image has a vector of model %d now; %d vectors of older models removed", model_id, dropped)
     finally:
         bar.close()
+        if source is not None:
+            source.close()
         if executor is not None:
             executor.shutdown()
         if near is not None:
@@ -229,6 +244,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     images = data["images"]
     print(f"store   {data['store']}")
     print("images  " + ", ".join(f"{k} {v}" for k, v in images.items()))
+    if len(data["nodes"]) > 1:
+        print("nodes   " + ", ".join(f"{node} {n}" for node, n in data["nodes"].items()))
     if data["corrupt_by_reason"]:
         print("corrupt " + ", ".join(f"{k} {v}" for k, v in data["corrupt_by_reason"].items()))
     model = data["model"]
@@ -263,7 +280,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         print(f"pool    {pool}: {size} members")
     run = data.get("last_run")
     if run:
-        print(f"run     last: {run['id']} ({run['trigger']}, {run['status']}), selected {run['n_selected']} of "
+        on = f" on node {run['node']}" if run.get("node") and len(data["nodes"]) > 1 else ""
+        print(f"run     last: {run['id']} ({run['trigger']}, {run['status']}{on}), selected {run['n_selected']} of "
               f"{run['n_candidates']}, {run['output_dir'] or run['error']}")
     return EXIT_OK
 

@@ -6,12 +6,17 @@ module, so process-pool workers stay small), overlapped with the model: `start_d
 batch, `InFlight.collect` waits for it, so batch k+1 decodes while batch k is embedded — the one
 implementation of that overlap, used by `ingest_pass` and the daemon's worker. The model forward
 pass and the store write happen in the caller's thread.
+
+`ingest_pass` takes its batches from a source: by default `local_batches` (the decode pool here, the
+pass's engine embeds); `made_elsewhere` turns per-file results made by other processes or machines
+(`Made`: a verdict and a vector, no pixels) into the same batches, so a pass over a Ray cluster
+(daemon/ray_ingest.py) plans, commits, looks near duplicates up and calibrates exactly as a local one.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -98,11 +103,13 @@ def decode_batches(refs: Sequence[FileRef], settings: DecodeSettings, batch_size
         yield in_flight.collect()
 
 
+# Vectors made elsewhere: given batch positions, (vectors by position, error text by position), as embed_resilient.
+Embedded = Callable[[list[int]], tuple[dict[int, np.ndarray], dict[int, str]]]
+
+
 def commit_batch(store: Store, embedder: Engine | None, model_id: int, decoded: Sequence[Decoded],
                  remove_duplicates: bool = True, clock: Callable[[], float] = time.perf_counter,
-                 near: NearDuplicates | None = None,
-                 embedded: Callable[[list[int]], tuple[dict[int, np.ndarray], dict[int, str]]] | None = None,
-                 ) -> BatchResult:
+                 near: NearDuplicates | None = None, embedded: Embedded | None = None) -> BatchResult:
     """Embed the batch's good images (skipping content duplicates), look their near duplicates up (`near`), and
     record all of it in ONE transaction; then hand the new vectors to `near`'s index.
 
@@ -285,6 +292,65 @@ def _row_id(row: dict[str, Any] | None) -> int | None:
 
 
 @dataclass
+class SourcedBatch:
+    """One batch of a pass, in plan order, as its source hands it over: decoded files (with pixels for the pass's
+    engine to embed, or without them and with `embedded`, the vectors made elsewhere)."""
+
+    decoded: list[Decoded]
+    embedded: Embedded | None = None
+    forward_passes: int = 0  # model calls made elsewhere for this batch
+    compute_seconds: float | None = None  # model time spent elsewhere on it (None: the pass's engine, timed here)
+
+
+# Where a pass's batches come from: (files to process in plan order, batch size) -> batches of that size, in order.
+BatchSource = Callable[[Sequence[FileRef], int], Iterator[SourcedBatch]]
+
+
+def local_batches(settings: DecodeSettings, executor: Executor | None = None) -> BatchSource:
+    """Decoded here (in `executor`'s processes), overlapped with the pass's engine: `decode_batches`."""
+    def source(todo: Sequence[FileRef], batch_size: int) -> Iterator[SourcedBatch]:
+        for decoded in decode_batches(todo, settings, batch_size, executor):
+            yield SourcedBatch(decoded)
+    return source
+
+
+@dataclass
+class Made:
+    """One file as a worker elsewhere turned it into a verdict and, for a good image, a vector: what
+    `read_and_decode` and `embed_resilient` give, without the pixels (they never travel)."""
+
+    decoded: Decoded  # pixels None
+    vector: np.ndarray | None = None
+    error: str | None = None  # the model failed on this image alone
+    model_seconds: float = 0.0  # its share of the worker's model time
+    forward_passes: int = 0  # the worker's model calls, counted on the first file of what it embedded together
+
+
+def made_elsewhere(made: Iterable[Made], batch_size: int, workers: int = 1) -> Iterator[SourcedBatch]:
+    """Per-file results in plan order -> the batches a local pass makes of the same files (same boundaries, so
+    commits, near-duplicate lookups and the calibration happen at the same points). `compute_seconds` is the
+    workers' model time over `workers`: the pass's compute efficiency is then the share of the workers' time
+    spent in the model."""
+    batch: list[Made] = []
+    for m in made:
+        batch.append(m)
+        if len(batch) == batch_size:
+            yield _sourced(batch, workers)
+            batch = []
+    if batch:
+        yield _sourced(batch, workers)
+
+
+def _sourced(batch: list[Made], workers: int) -> SourcedBatch:
+    def embedded(positions: list[int]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+        vectors = {p: v for p in positions if (v := batch[p].vector) is not None}
+        failed = {p: e for p in positions if (e := batch[p].error) is not None}
+        return vectors, failed
+    return SourcedBatch([m.decoded for m in batch], embedded, sum(m.forward_passes for m in batch),
+                        sum(m.model_seconds for m in batch) / max(1, workers))
+
+
+@dataclass
 class PassSummary:
     """What one ingest pass over the input dirs did."""
 
@@ -337,11 +403,14 @@ def ingest_pass(store: Store, embedder: Engine, model_id: int, roots: Sequence[P
                 batch_size: int, *, executor: Executor | None = None, remove_duplicates: bool = True,
                 ignore_patterns: Sequence[str] = (), on_plan: Callable[[int], None] | None = None,
                 on_batch: Callable[[BatchResult], None] | None = None,
-                clock: Callable[[], float] = time.perf_counter, near: NearDuplicates | None = None) -> PassSummary:
+                clock: Callable[[], float] = time.perf_counter, near: NearDuplicates | None = None,
+                source: BatchSource | None = None) -> PassSummary:
     """One pass over the input roots: discover, plan, process in batches, mark vanished files missing.
 
     A root that is missing or unreadable as a whole is an outage (listed in the summary); its
-    images keep their state.
+    images keep their state. The batches come from `source` (default: `local_batches(settings, executor)`);
+    `embedder` registers the model, calibrates the near-duplicate threshold, and embeds what the source
+    hands over with pixels.
     """
     start = clock()
     summary = PassSummary()
@@ -364,12 +433,18 @@ def ingest_pass(store: Store, embedder: Engine, model_id: int, roots: Sequence[P
             todo.extend(r for r in back if r.relpath not in revived)  # their bytes are ok elsewhere now
     if on_plan is not None:
         on_plan(len(todo))
+    batches = (source or local_batches(settings, executor))(todo, batch_size)
+    forward_elsewhere = 0
     last = clock()
-    for decoded in decode_batches(todo, settings, batch_size, executor):
+    for batch in batches:
         waited = clock() - last
-        result = commit_batch(store, embedder, model_id, decoded, remove_duplicates, clock, near)
+        result = commit_batch(store, embedder, model_id, batch.decoded, remove_duplicates, clock, near,
+                              embedded=batch.embedded)
         if near is not None:  # this batch may be the one that makes the store large enough to calibrate on
             near.ensure_calibrated(store, embedder, settings)
+        if batch.compute_seconds is not None:
+            result.compute_seconds = batch.compute_seconds
+        forward_elsewhere += batch.forward_passes
         result.decode_seconds = waited
         now = clock()
         result.total_seconds = now - last
@@ -383,6 +458,6 @@ def ingest_pass(store: Store, embedder: Engine, model_id: int, roots: Sequence[P
         summary.compute_seconds += result.compute_seconds
         if on_batch is not None:
             on_batch(result)
-    summary.forward_passes = embedder.forward_passes - forward_before
+    summary.forward_passes = embedder.forward_passes - forward_before + forward_elsewhere
     summary.seconds = clock() - start
     return summary

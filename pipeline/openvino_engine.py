@@ -116,6 +116,7 @@ class OpenVINOEngine:
         if mode.precision not in ("fp32", "bf16", "int8"):
             raise ModelError(f"embedding_precision: {mode.precision} is not a CPU precision (allowed: fp32, bf16, int8)")
         self.info, self.precision, self.exact_decode, self._mode = info, mode.precision, mode.exact_decode, mode
+        self.artifact = artifact  # its files (model.xml, model.bin): what another process needs to run the same model
         config = {
             # f32 for int8's non-quantized layers too, so one artifact gives the same vectors on every CPU
             # (OpenVINO's own default is bf16 on AMX machines)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +13,13 @@ import pytest
 from .conftest import ROOT
 
 SCRIPTS = ["ingest.py", "decode.py", "startup.py", "latency.py", "store.py", "coreset.py", "soak.py", "load.py",
-           "profile_embed.py", "quality_thresholds.py", "near_duplicates.py", "multinode.py"]
+           "profile_embed.py", "quality_thresholds.py", "near_duplicates.py", "multinode.py", "ray_ingest.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bench_smoke(script: str, tmp_path: Path) -> None:
+    if script == "ray_ingest.py" and importlib.util.find_spec("ray") is None and os.environ.get("CI") != "true":
+        pytest.skip("ray is not installed (pip install 'poolwatch[ray]')")
     args = [sys.executable, str(ROOT / "bench" / script), "--smoke"]
     if script == "ingest.py":
         args.append("--skip-lightly")

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from poolwatch.pipeline.decode import DecodeSettings
+from poolwatch.pipeline.decode import DecodeSettings, read_and_decode
 from poolwatch.pipeline.embed import Embedder, ModelSpec, load_model
-from poolwatch.pipeline.ingest import activate_model, embed_resilient, ingest_pass
+from poolwatch.pipeline.ingest import Made, activate_model, embed_resilient, ingest_pass, made_elsewhere
 from poolwatch.pipeline.store import Store
 
 from .conftest import encode, photo
@@ -111,3 +113,50 @@ def test_bf16_vectors_are_a_model_of_their_own(model, tmp_path: Path) -> None:
         _, b = store.vectors(id16)
         cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
         assert (cos > 0.99).all() and not np.array_equal(a, b)
+
+
+def made_by_workers(engine: Embedder, settings: DecodeSettings, shard: int):
+    """What workers elsewhere (Ray actors) hand back: each shard decoded and embedded there, pixels dropped."""
+    def source(todo, batch_size: int):
+        def made():
+            for i in range(0, len(todo), shard):
+                decoded = [read_and_decode(r, settings) for r in todo[i:i + shard]]
+                pixels = {k: d.pixels for k, d in enumerate(decoded) if d.pixels is not None}
+                before = engine.forward_passes
+                vectors, failed = embed_resilient(engine, pixels)
+                for k, d in enumerate(decoded):
+                    passes = engine.forward_passes - before if k == 0 else 0
+                    yield Made(replace(d, pixels=None), vectors.get(k), failed.get(k), 0.001, passes)
+        return made_elsewhere(made(), batch_size, workers=2)
+    return source
+
+
+def test_a_pass_fed_by_workers_elsewhere_stores_what_a_local_pass_does(model, tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(11):
+        (root / f"{i:02d}.png").write_bytes(encode(photo(i), "PNG"))
+    (root / "copy.png").write_bytes((root / "03.png").read_bytes())  # same bytes, in another shard and batch
+    (root / "poisoned.png").write_bytes(encode(Image.new("RGB", (40, 30), (7, 7, 7)), "PNG"))  # the model fails
+    (root / "broken.png").write_bytes(b"not an image")
+    settings = DecodeSettings(input_size=32)
+    stored = []
+    for name, elsewhere in (("local", False), ("elsewhere", True)):
+        with Store.open(tmp_path / f"{name}.sqlite") as store:
+            embedder = FlakyEmbedder(model, max_batch=64, poison=7)
+            model_id = activate_model(store, embedder)
+            worker = FlakyEmbedder(model, max_batch=64, poison=7)  # the same model, in another process
+            source = made_by_workers(worker, settings, shard=3) if elsewhere else None
+            summary = ingest_pass(store, embedder, model_id, [root], settings, batch_size=4, source=source)
+            assert summary.processed == 14 and summary.ok == 11 and summary.duplicate == 1 and summary.corrupt == 1
+            rows = {r["relpath"]: (r["status"], r["reason"], r["duplicate_of"], r["attempts"]) for r in store.images()}
+            ids, vectors = store.vectors(model_id)
+            stored.append((rows, dict(zip(ids, vectors.tolist(), strict=True))))
+            if elsewhere:
+                assert summary.forward_passes == worker.forward_passes > 0 and embedder.forward_passes == 0
+    (local, local_vectors), (made, made_vectors) = stored
+    assert made == local  # the same rows and links
+    assert made_vectors.keys() == local_vectors.keys()  # other batches: equal to float rounding (bitwise here)
+    assert np.allclose([made_vectors[i] for i in local_vectors], list(local_vectors.values()), rtol=1e-5, atol=1e-6)
+    # the only image its batch embedded: a failure that is not counted against it (the model may fail on everything)
+    assert made["poisoned.png"] == ("pending", "embed_error", None, 0)
