@@ -1,4 +1,4 @@
-"""Backlog ingest on Ray: `poolwatch ingest` (one process) vs `poolwatch ingest --ray` with 1 and 2 actors, same files.
+"""Backlog ingest on Ray: `poolwatch ingest` (one process) vs `poolwatch ingest --ray` with 1 actor and one per core.
 
     python bench/ray_ingest.py                    # 600 JPEGs at 640x480, 3 rounds, a local cluster per run
     python bench/ray_ingest.py --address HOST:PORT  # the --ray variants join that cluster instead
@@ -64,7 +64,8 @@ def run_once(folder: Path, shared: Path, flags: list[str], args: argparse.Namesp
     if args.address and options:
         overrides.append(f"ray.address={args.address}")
     cmd += ["--json", f"input_dir={folder}", f"shared_dir={shared}", "lightly.pre_trained=false",
-            f"lightly.loader.batch_size={args.batch}", f"ray.shard_size={args.shard}", *args.poolwatch_arg, *overrides]
+            f"lightly.loader.batch_size={args.batch}", f"ray.shard_size={args.shard}",
+            f"ray.num_cpus_per_actor={args.cpus_per_actor}", *args.poolwatch_arg, *overrides]
     env = {**os.environ, "POOLWATCH_ARTIFACTS": os.environ.get("POOLWATCH_ARTIFACTS", str(shared.parent / "artifacts"))}
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -95,7 +96,7 @@ def bench(folder: Path, n: int, work: Path, args: argparse.Namespace) -> None:
     print("| variant | files/s end to end | files/s of the pass | start-up of the pass s (cluster, actors) | "
           "files/s after start-up | files/s per actor | driver busy s (its ceiling, files/s) |")
     print("|---|---|---|---|---|---|---|")
-    per_actor: dict[str, float] = {}
+    per_actor: dict[str, tuple[int, float]] = {}  # the driver-fed --ray rows: actors, files/s per actor
     for v, rs in runs.items():
         e2e = med([n / r["wall"] for r in rs])
         pass_rate = med([r["summary"]["images_per_second"] for r in rs])
@@ -105,14 +106,19 @@ def bench(folder: Path, n: int, work: Path, args: argparse.Namespace) -> None:
         start = med([r["summary"]["seconds"] - r["ray"]["seconds"] for r in rs])
         rate, actor = med([r["ray"]["rate"] for r in rs]), med([r["ray"]["per_actor"] for r in rs])
         driver = med([r["ray"]["driver"] for r in rs])
-        per_actor[v] = actor
+        if "Ray Data" not in v:
+            per_actor[v] = (rs[0]["ray"]["actors"], actor)
         print(f"| {v} | {e2e:.1f} | {pass_rate:.1f} | {start:.1f} | {rate:.1f} | {actor:.1f} | {driver:.2f} "
               f"({n / driver if driver > 0 else float('inf'):.0f}) |")
     if per_actor:
-        best = max(per_actor, key=per_actor.__getitem__)
-        ceiling = med([n / r["ray"]["driver"] for r in runs[best] if r["ray"]["driver"] > 0] or [float("inf")])
-        print(f"\nestimate: k actors like these give about min(k x {per_actor[best]:.0f}, {ceiling:.0f}) files/s after "
-              "start-up (the per-actor rate of the best --ray row, and its driver's ceiling on this machine)")
+        # The row with the most actors: on a local cluster of one actor per core, each actor has a core of its own
+        # there (with fewer actors, an actor's decode worker borrows the idle cores), which is what a cluster's
+        # nodes give their actors.
+        most = max(per_actor, key=lambda v: per_actor[v][0])
+        ceiling = med([n / r["ray"]["driver"] for r in runs[most] if r["ray"]["driver"] > 0] or [float("inf")])
+        print(f"\nestimate: k actors of {args.cpus_per_actor} CPU each give about min(k x {per_actor[most][1]:.0f}, "
+              f"{ceiling:.0f}) files/s after start-up: the per-actor rate of '{most}' and its driver's ceiling on "
+              "this machine (its busy time includes the one-time threshold calibration)")
 
 
 # --- the Ray Data feed (a child process: `poolwatch ingest --ray` with RaySource._made replaced) ---------------------
@@ -181,7 +187,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, nargs=2, default=(640, 480), metavar=("W", "H"))
     ap.add_argument("--batch", type=int, default=64, help="lightly.loader.batch_size (the driver's commits)")
     ap.add_argument("--shard", type=int, default=64, help="ray.shard_size")
-    ap.add_argument("--actors", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--actors", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}))
+    ap.add_argument("--cpus-per-actor", type=int, default=1, help="ray.num_cpus_per_actor")
     ap.add_argument("--no-data", action="store_true", help="skip the Ray Data variant")
     ap.add_argument("--address", default="", help="ray.address for the --ray variants ('' = a local cluster per run)")
     ap.add_argument("--repeat", type=int, default=3)
