@@ -431,8 +431,16 @@ def cmd_sample(config: Config, args: argparse.Namespace) -> int:
                             "seconds": round(summary.seconds, 3)}}
     with open_store(config) as store:
         runtime.recover_runs(store, config.shared_path)
+        if not store.try_sampling_lock():  # a shared store: one run at a time across the nodes
+            log.info("sampling run waits for another node's run to finish")
+            while not store.try_sampling_lock(wait=1.0):
+                pass
         log.info("sampling run (%s, pool %s) started", config.method, config.datapool.name or "none")
-        result = sample_run(store, config, trigger="cli", model_id=model_id, preselected=preselected, extra_stats=extra)
+        try:
+            result = sample_run(store, config, trigger="cli", model_id=model_id, preselected=preselected,
+                                extra_stats=extra)
+        finally:
+            store.release_sampling_lock()
         row = summarize_run(store.run(result.run_id) or {})
         runtime.write_report(store, result.run_id)
     log.info("sampling run %d finished: %d of %d candidates selected (%s), pool %d -> %d, outputs in %s",

@@ -6,13 +6,15 @@ from __future__ import annotations
 import csv
 import json
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
 from poolwatch.pipeline.store import Store
 
+from .conftest import POOLWATCH
 from .photos import DISTINCT, near_copy, photo_jpeg
-from .test_daemon import Daemon, wait_for, write_images
+from .test_daemon import DAEMON_FAST, Daemon, wait_for, write_images
 
 PASSWORD = "n0t-in-any-log"
 
@@ -128,3 +130,24 @@ def test_a_node_killed_mid_burst_loses_nothing_and_duplicates_nothing(
         assert len(relpaths) == len(set(relpaths)) == 168
         model = store.current_model()
         assert model is not None and store.count_embeddings(model.id) == 168
+
+
+def test_a_one_shot_sample_waits_for_another_nodes_run(tmp_path: Path, pg_url: str) -> None:
+    inp = tmp_path / "in"
+    write_images(inp, [(f"s_{i}.jpg", 5000 + i) for i in range(6)])
+    holder = Store.connect(pg_url, "other")
+    assert holder.try_sampling_lock()  # another node's run in progress
+    log = tmp_path / "sample.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*POOLWATCH, "sample", f"input_dir={inp}", f"shared_dir={tmp_path / 'shared'}",
+                                 f"store.url={pg_url}", "node.name=c", "stopping_condition.n_samples=3", *DAEMON_FAST], stdout=out, stderr=out)
+    try:
+        wait_for(lambda: "waits for another node's run" in log.read_text(), 120, "the sample to wait for the lock")
+        assert proc.poll() is None and not runs(pg_url)
+        holder.release_sampling_lock()
+        assert proc.wait(120) == 0, log.read_text()[-2000:]
+        assert [r["node"] for r in runs(pg_url)] == ["c"]
+    finally:
+        holder.close()
+        if proc.poll() is None:
+            proc.kill()
