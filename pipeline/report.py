@@ -24,7 +24,7 @@ import numpy as np
 
 from .atomic import replacing, replacing_path
 from .errors import UsageError
-from .export import Naming, read_embeddings_csv
+from .export import Naming, StoreNaming, read_embeddings_csv
 from .store import Store
 
 if TYPE_CHECKING:
@@ -210,7 +210,7 @@ def build_report(store: Store, run_id: int, *, memory_gb: float | None = None, n
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     _render(data, before, after, cand, incl, removed_mask, pool_mask, cand_names, incl_names, sel_set, out,
-            Naming.for_roots(roots), roots)
+            _naming(store, run, roots), roots)
     with replacing(out / "report.json", "w", encoding="utf-8") as fh:
         fh.write(json.dumps(data, indent=1, ensure_ascii=False, default=str))
     return data
@@ -264,7 +264,7 @@ def _near_duplicates(out: Path, config: dict[str, Any]) -> dict[str, Any]:
 # ---- rendering -----------------------------------------------------------------------------------
 def _render(data: dict[str, Any], before: DistanceStats, after: DistanceStats, cand: np.ndarray, incl: np.ndarray,
             removed_mask: np.ndarray, pool_mask: np.ndarray, cand_names: list[str], incl_names: list[str],
-            sel_set: set[str], out: Path, naming: Naming, roots: list[str]) -> None:
+            sel_set: set[str], out: Path, naming: StoreNaming, roots: list[str]) -> None:
     from matplotlib.backends.backend_pdf import PdfPages
 
     figs = {
@@ -407,14 +407,23 @@ def _scatter(cand: np.ndarray, incl: np.ndarray, removed_mask: np.ndarray, pool_
     return fig
 
 
-def _thumb(naming: Naming, roots: list[str], name: str, size: int = 256) -> np.ndarray | None:
+def _naming(store: Store, run: dict[str, Any], roots: list[str]) -> StoreNaming:
+    """The run's output names (export.StoreNaming): its node's input dirs from the run's configuration."""
+    own = str(run.get("node") or store.node)
+    nodes = {node: Naming.for_roots(node_roots) for node, node_roots in store.node_roots().items()}
+    nodes[own] = Naming.for_roots(roots)
+    return StoreNaming(own, nodes)
+
+
+def _thumb(naming: StoreNaming, roots: list[str], name: str, size: int = 256) -> np.ndarray | None:
+    """A thumbnail of an image this node holds (another node's files are not readable here: None)."""
     from PIL import Image, ImageOps
 
     try:
         parsed = naming.parse(name)
-        if parsed is None:
+        if parsed is None or parsed[0] != naming.own:
             return None
-        with Image.open(Path(parsed[0]) / parsed[1]) as source:
+        with Image.open(Path(parsed[1]) / parsed[2]) as source:
             source.draft("RGB", (size, size))
             im = ImageOps.exif_transpose(source).convert("RGB")
             im.thumbnail((size, size))
@@ -423,7 +432,7 @@ def _thumb(naming: Naming, roots: list[str], name: str, size: int = 256) -> np.n
         return None
 
 
-def _examples(data: dict[str, Any], naming: Naming, roots: list[str]) -> Figure | None:
+def _examples(data: dict[str, Any], naming: StoreNaming, roots: list[str]) -> Figure | None:
     pairs = data["examples"]["closest_removed"]
     picks = data["examples"]["farthest_retained"]
     if not pairs and not picks:
@@ -471,7 +480,7 @@ def _short(name: str, width: int) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1):]
 
 
-def _near_page(near: dict[str, Any], naming: Naming, roots: list[str]) -> Figure | None:
+def _near_page(near: dict[str, Any], naming: StoreNaming, roots: list[str]) -> Figure | None:
     """One row per group: the original (green frame), then its closest copies (orange) with their distance."""
     groups = near["first"]
     if not groups:
