@@ -58,6 +58,18 @@ def _required(what: str) -> None:
 
 
 @pytest.fixture(scope="session")
+def promtool() -> str:
+    """Prometheus's promtool (Debian package `prometheus`): skipped without it, except under CI=true."""
+    import shutil
+
+    path = shutil.which("promtool") or ("/usr/bin/promtool" if os.access("/usr/bin/promtool", os.X_OK) else None)
+    if path is None:
+        _required("promtool is missing: install the Debian package `prometheus` (scripts/system-deps.sh)")
+    assert path is not None
+    return path
+
+
+@pytest.fixture(scope="session")
 def postgres_server() -> Iterator[Any]:
     """One real PostgreSQL server for the session (tests/pg_server.py)."""
     try:

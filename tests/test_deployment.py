@@ -293,18 +293,9 @@ def test_grafana_is_provisioned_with_the_dashboard() -> None:
     assert [p["options"]["path"] for p in providers] == ["/etc/grafana/dashboards"]
 
 
-def _promtool() -> str:
-    path = shutil.which("promtool") or ("/usr/bin/promtool" if os.access("/usr/bin/promtool", os.X_OK) else None)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is missing and CI=true: install the Debian package `prometheus` (scripts/system-deps.sh)")
-        pytest.skip("promtool is not installed (Debian package `prometheus`); under CI=true this fails instead")
-    return path
-
-
-def test_promtool_checks_the_mounted_prometheus_config() -> None:
+def test_promtool_checks_the_mounted_prometheus_config(promtool: str) -> None:
     path = prometheus_config()
-    proc = subprocess.run([_promtool(), "check", "config", path.name], capture_output=True, text=True, timeout=60,
+    proc = subprocess.run([promtool, "check", "config", path.name], capture_output=True, text=True, timeout=60,
                           cwd=path.parent, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 rule files found" in proc.stdout + proc.stderr

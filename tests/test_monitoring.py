@@ -10,9 +10,7 @@ are skipped, unless CI=true, where a missing promtool fails them."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import threading
 import urllib.request
@@ -37,16 +35,6 @@ GRAFANA_VARS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "6h",
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    path = shutil.which("promtool") or ("/usr/bin/promtool" if os.access("/usr/bin/promtool", os.X_OK) else None)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is missing and CI=true: install the Debian package `prometheus` (scripts/system-deps.sh)")
-        pytest.skip("promtool is not installed (Debian package `prometheus`); under CI=true this fails instead")
-    return path
-
-
 def run_promtool(promtool: str, *args: str, cwd: Path | None = None) -> str:
     proc = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60, cwd=cwd, stdin=subprocess.DEVNULL)
     output = proc.stdout + proc.stderr

@@ -140,7 +140,8 @@ def test_a_one_shot_sample_waits_for_another_nodes_run(tmp_path: Path, pg_url: s
     log = tmp_path / "sample.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([*POOLWATCH, "sample", f"input_dir={inp}", f"shared_dir={tmp_path / 'shared'}",
-                                 f"store.url={pg_url}", "node.name=c", "stopping_condition.n_samples=3", *DAEMON_FAST], stdout=out, stderr=out)
+                                 f"store.url={pg_url}", "node.name=c", "stopping_condition.n_samples=3", *DAEMON_FAST],
+                                stdout=out, stderr=out)
     try:
         wait_for(lambda: "waits for another node's run" in log.read_text(), 120, "the sample to wait for the lock")
         assert proc.poll() is None and not runs(pg_url)
