@@ -40,10 +40,14 @@ def test_a_new_store_has_every_migration_and_both_dialects_have_the_same_numbers
         assert again.schema_version == len(SQLITE) and again.node == "a"
 
 
-def test_a_file_is_identified_per_node_and_each_node_sees_its_own_paths(open_test_store, store_url: str) -> None:
-    if not store_url:
-        pytest.skip("a SQLite store serves one node (test_a_sqlite_store_serves_one_node)")
-    with open_test_store("a") as a, open_test_store("b") as b:
+@pytest.fixture
+def open_pg(pg_url: str):  # noqa: ANN201 - a factory
+    """Nodes of one PostgreSQL store (a SQLite store serves one node: test_a_sqlite_store_serves_one_node)."""
+    return lambda node: Store.connect(pg_url, node)
+
+
+def test_a_file_is_identified_per_node_and_each_node_sees_its_own_paths(open_pg) -> None:
+    with open_pg("a") as a, open_pg("b") as b:
         m = model(a)
         ia = add(a, "x/1.jpg", "A", m, [1, 0, 0, 0])
         ib = add(b, "x/1.jpg", "B", m, [0, 1, 0, 0])  # the same root and path on another machine: another file
@@ -164,10 +168,8 @@ def test_a_setting_recorded_once_is_the_first_nodes(open_test_store) -> None:
         assert a.setting("threshold") == {"value": 2.0}
 
 
-def test_runs_left_running_are_recovered_by_their_own_node_only(open_test_store, store_url: str) -> None:
-    if not store_url:
-        pytest.skip("one node per SQLite store")
-    with open_test_store("a") as a, open_test_store("b") as b:
+def test_runs_left_running_are_recovered_by_their_own_node_only(open_pg) -> None:
+    with open_pg("a") as a, open_pg("b") as b:
         run = a.begin_run(trigger="t", config_json="{}", method="coreset", pool=None, model_id=None)
         assert a.interrupted_runs() == [run] and b.interrupted_runs() == []
 
