@@ -160,6 +160,14 @@ def commit_batch(store: Store, embedder: Engine | None, model_id: int, decoded: 
         ids: dict[int, int] = {}
         ok_id: dict[int, int] = {}  # position -> the ok image that stands for it (itself, or its exact original)
         batch_vhash: dict[str, int] = {}
+
+        def duplicate(pos: int, base: ImageRecord, outcome: Outcome, original: int, reason: str) -> None:
+            what = "bytes" if reason == "same_content" else "embedding"
+            ids[pos] = store.upsert_image(replace(base, status="duplicate", reason=reason,
+                                                  detail=f"identical {what} to image {original}", duplicate_of=original))
+            ok_id[pos] = original
+            result.duplicate += 1
+            result.outcomes.append(replace(outcome, verdict="duplicate"))
         for pos, d in enumerate(decoded):
             v = d.verdict
             if v is None:
@@ -178,12 +186,7 @@ def commit_batch(store: Store, embedder: Engine | None, model_id: int, decoded: 
             if pos in dup_of_pos:
                 target = dup_of_pos[pos]
                 original = ids[int(target[4:])] if isinstance(target, str) else target
-                ids[pos] = store.upsert_image(replace(base, status="duplicate", reason="same_content",
-                                                          detail=f"identical bytes to image {original}",
-                                                          duplicate_of=original))
-                ok_id[pos] = original
-                result.duplicate += 1
-                result.outcomes.append(replace(outcome, verdict="duplicate"))
+                duplicate(pos, base, outcome, original, "same_content")
                 continue
             if pos not in vector_of:
                 row = rows.get(pos)
@@ -209,11 +212,7 @@ def commit_batch(store: Store, embedder: Engine | None, model_id: int, decoded: 
                 # Another node of a shared store may have committed the same bytes since the check above.
                 raced = store.first_ok_with_hash(d.hash, exclude_id=_row_id(rows.get(pos)))
                 if raced is not None:
-                    ids[pos] = store.upsert_image(replace(base, status="duplicate", reason="same_content",
-                                                          detail=f"identical bytes to image {raced}", duplicate_of=raced))
-                    ok_id[pos] = raced
-                    result.duplicate += 1
-                    result.outcomes.append(replace(outcome, verdict="duplicate"))
+                    duplicate(pos, base, outcome, raced, "same_content")
                     continue
             vec = vector_of[pos]
             if remove_duplicates:
@@ -222,12 +221,7 @@ def commit_batch(store: Store, embedder: Engine | None, model_id: int, decoded: 
                 if original_v is None:
                     original_v = store.first_ok_with_vector(model_id, vh, exclude_id=_row_id(rows.get(pos)))
                 if original_v is not None:
-                    ids[pos] = store.upsert_image(replace(base, status="duplicate", reason="same_embedding",
-                                                              detail=f"identical embedding to image {original_v}",
-                                                              duplicate_of=original_v))
-                    ok_id[pos] = original_v
-                    result.duplicate += 1
-                    result.outcomes.append(replace(outcome, verdict="duplicate"))
+                    duplicate(pos, base, outcome, original_v, "same_embedding")
                     continue
             record, verdict = base, "ok"
             if same_content(pos):

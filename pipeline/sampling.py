@@ -184,7 +184,8 @@ def sample_run(store: Store, config: Config, *, trigger: str, now: datetime | No
             raise SamplingError("no model and no embeddings yet: run `poolwatch ingest` first, or give embeddings=FILE")
         model_id = model.id
     pool = config.datapool.name or None
-    run_id = store.begin_run(trigger=trigger, config_json=config.to_json(), method=config.method, pool=pool, model_id=model_id)
+    run_id = store.begin_run(trigger=trigger, config_json=config.to_json(), method=config.method, pool=pool, model_id=model_id,
+                             dump=config.dump_dataset)
     tmp: Path | None = None
     try:
         runs_dir.mkdir(parents=True, exist_ok=True)
@@ -230,8 +231,7 @@ def sample_run(store: Store, config: Config, *, trigger: str, now: datetime | No
             for rank, (image_id, dist) in enumerate(zip(picked, selection.distances, strict=True))
         ] + [(image_id, False, None, None) for image_id in removed]
         stats = {**(extra_stats or {}), "stages": stages, "pool_before": len(pool_ids), "preselected": len(preselected or []),
-                 "normalized": config.normalize_embeddings, "dim": int(cand.shape[1]) if cand.ndim == 2 else 0,
-                 "dump_requested": config.dump_dataset}
+                 "normalized": config.normalize_embeddings, "dim": int(cand.shape[1]) if cand.ndim == 2 else 0}
         store.finish_run(run_id, n_candidates=len(cand_ids_arr), n_selected=len(picked), stop_reason=selection.stop_reason,
                          output_dir=str(runs_dir / name), stats=stats, decisions=decisions, pool=pool,
                          pool_add=[int(i) for i in picked])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,34 +47,43 @@ def file_identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-class Backend:
+class Backend(ABC):
+    """What a store engine must provide; the shared parts are written once here."""
+
     dialect: str
     migrations: tuple[str, ...]
     not_indexed = ""  # a hint that a full scan beats the index (SQLite only)
     describe: str  # for messages: the file, or the URL with its password masked
 
+    @abstractmethod
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def query_dicts(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def path(self, value: str) -> str | bytes:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def first_folder(self, column: str) -> tuple[str, str]:
         """(SQL of a relpath's first folder, SQL that is true when it has one)."""
-        raise NotImplementedError
+        ...
 
     @property
+    @abstractmethod
     def in_transaction(self) -> bool:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def begin_write(self) -> None:
-        raise NotImplementedError
+        ...
 
     def begin_snapshot(self) -> None:
         """A read-only transaction that sees one state of the store for all its statements."""
@@ -85,17 +95,20 @@ class Backend:
     def rollback(self) -> None:
         self.execute("ROLLBACK")
 
-    def verify(self) -> None:
+    def verify(self) -> None:  # noqa: B027 - nothing to check by default (PostgreSQL)
         """Raise StoreError when the store cannot take this commit (SQLite: the file was replaced)."""
 
+    @abstractmethod
     def schema_version(self) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def set_schema_version(self, number: int) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def integrity_check(self) -> str:
-        raise NotImplementedError
+        ...
 
     def stream(self, sql: str, params: Sequence[Any], chunk: int) -> Iterator[list[Any]]:
         """Rows of a (big) query in chunks, without holding all of them at once."""
@@ -109,8 +122,9 @@ class Backend:
     def release_sampling_lock(self) -> None:
         return None
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        ...
 
 
 class SqliteBackend(Backend):

@@ -503,12 +503,14 @@ class Store:
         return ids, matrix
 
     # ---- runs, decisions, pools -------------------------------------------------------------
-    def begin_run(self, *, trigger: str, config_json: str, method: str, pool: str | None, model_id: int | None) -> int:
+    def begin_run(self, *, trigger: str, config_json: str, method: str, pool: str | None, model_id: int | None,
+                  dump: bool = False) -> int:
+        """A run in progress on this node; `dump`: every node writes the selected images it holds once it is ok."""
         with self.transaction():
             cur = self.b.execute(
-                "INSERT INTO runs (trigger, started, status, config, method, pool, model_id, node)"
-                " VALUES (?,?,?,?,?,?,?,?) RETURNING id",
-                (trigger, time.time(), "running", config_json, method, pool or None, model_id, self.node),
+                "INSERT INTO runs (trigger, started, status, config, method, pool, model_id, node, dump)"
+                " VALUES (?,?,?,?,?,?,?,?,?) RETURNING id",
+                (trigger, time.time(), "running", config_json, method, pool or None, model_id, self.node, int(dump)),
             )
             return int(cur.fetchone()[0])
 
@@ -564,9 +566,9 @@ class Store:
         self.b.release_sampling_lock()
 
     def pending_dumps(self, since_run: int = 0) -> list[int]:
-        """Finished runs with dump_dataset (recorded in their stats) that this node has not dumped yet."""
+        """Finished runs that asked for a dump (dump_dataset) and that this node has not dumped yet."""
         rows = self.b.execute(
-            "SELECT r.id FROM runs r WHERE r.status = 'ok' AND r.id > ? AND r.stats LIKE '%\"dump_requested\": true%'"
+            "SELECT r.id FROM runs r WHERE r.status = 'ok' AND r.id > ? AND r.dump = 1"
             " AND NOT EXISTS (SELECT 1 FROM run_dumps d WHERE d.run_id = r.id AND d.node = ?) ORDER BY r.id",
             (since_run, self.node))
         return [int(r[0]) for r in rows]

@@ -112,12 +112,13 @@ SQLITE: tuple[str, ...] = (
     """,
     # 5: many nodes. The node that holds an image (its rows are adopted by the store's one node in SQLite);
     # a per-model commit sequence of the vectors (a node's near-duplicate index catches up on the others'
-    # commits by it); the node that ran a run, and which nodes dumped its selected images
+    # commits by it); the node that ran a run, whether it asked for a dump, and which nodes dumped its selected images
     """
     ALTER TABLE images ADD COLUMN node TEXT NOT NULL DEFAULT '';
     ALTER TABLE embeddings ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX embeddings_seq ON embeddings(model_id, seq);
     ALTER TABLE runs ADD COLUMN node TEXT;
+    ALTER TABLE runs ADD COLUMN dump INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE run_dumps (
         run_id INTEGER NOT NULL REFERENCES runs(id),
         node TEXT NOT NULL,
@@ -253,6 +254,7 @@ POSTGRESQL: tuple[str, ...] = (
     ALTER TABLE embeddings ADD COLUMN seq BIGINT NOT NULL DEFAULT 0;
     CREATE INDEX embeddings_seq ON embeddings(model_id, seq);
     ALTER TABLE runs ADD COLUMN node TEXT;
+    ALTER TABLE runs ADD COLUMN dump INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE run_dumps (
         run_id BIGINT NOT NULL REFERENCES runs(id),
         node TEXT NOT NULL,
